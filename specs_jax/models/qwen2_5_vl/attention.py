@@ -1,0 +1,63 @@
+"""Attention kernels behind one signature, selected by `Qwen2_5_VLConfig.attention_impl`.
+
+Every implementation takes
+    q [B, S, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, D], mask [B, 1|Hq, S, T] bool (True = attend)
+and returns [B, S, Hq, D] in q's dtype, with softmax in float32 and scale D**-0.5. Hq is a
+multiple of Hkv (GQA): keys/values are shared by groups of Hq/Hkv query heads without being copied.
+
+  "xla"          einsum + masked softmax (default; exact reference on CPU)
+  "dot_product"  `jax.nn.dot_product_attention(implementation="xla")`
+  "cudnn"        `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on GPU, bf16/f16)
+  "splash"       TPU splash attention; a kernel is registered with `register("splash", fn)`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+AttentionFn = Callable[..., jax.Array]
+_REGISTRY: dict[str, AttentionFn] = {}
+NEG_INF = -1e30  # finite: a fully masked row (padding) gives a uniform softmax, not NaN
+
+
+def register(name: str, fn: AttentionFn) -> None:
+  """Registers an attention implementation under `name` (e.g. a TPU splash-attention kernel)."""
+  _REGISTRY[name] = fn
+
+
+def get(name: str) -> AttentionFn:
+  if name not in _REGISTRY:
+    hint = " (the TPU splash kernel is registered by specs_jax.kernels.splash on TPU)" if name == "splash" else ""
+    raise ValueError(f"attention implementation {name!r} is not available{hint}; have {sorted(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+def xla_attention(q, k, v, mask):
+  b, s, hq, d = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  qg = q.reshape(b, s, hkv, g, d)
+  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
+  m = mask.reshape(b, hkv, g, s, -1) if mask.shape[1] != 1 else mask[:, :, None]
+  scores = jnp.where(m, scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(b, s, hq, d)
+
+
+def _jax_dpa(implementation):
+  def fn(q, k, v, mask):
+    hq, hkv = q.shape[2], k.shape[2]
+    if mask.shape[1] not in (1, hq):
+      raise ValueError(f"mask head dim {mask.shape[1]} must be 1 or {hq}")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation).astype(q.dtype)
+
+  return fn
+
+
+register("xla", xla_attention)
+register("dot_product", _jax_dpa("xla"))
+register("cudnn", _jax_dpa("cudnn"))

@@ -1,0 +1,175 @@
+"""The Qwen2.5-VL text decoder (Qwen2 layers with M-RoPE), with an optional KV cache.
+
+Cache layout: {"k": [layers, B, T, Hkv, D], "v": same}. A call writes its S new keys/values at
+slots [cache_index, cache_index + S) and lets query i (at slot cache_index + i) attend to slots
+j <= cache_index + i with kv_mask[b, j] = 1. The same code path serves the full forward (no cache:
+T = S, cache_index = 0), the prefill, and the one-token decode.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from specs_jax.models.qwen2_5_vl import attention
+from specs_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from specs_jax.models.qwen2_5_vl.layers import RMSNorm, dense, remat_policy
+from specs_jax.models.qwen2_5_vl.rope import apply_rope, mrope_cos_sin
+
+
+def init_cache(config: Qwen2_5_VLConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+  t = config.text
+  shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class Attention(nn.Module):
+  config: Qwen2_5_VLConfig
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    t = self.config.text
+    b, s, _ = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = dense(t.num_attention_heads * t.head_dim, True, "q_proj", **kw)(x).reshape(b, s, t.num_attention_heads, -1)
+    k = dense(t.num_key_value_heads * t.head_dim, True, "k_proj", **kw)(x).reshape(b, s, t.num_key_value_heads, -1)
+    v = dense(t.num_key_value_heads * t.head_dim, True, "v_proj", **kw)(x).reshape(b, s, t.num_key_value_heads, -1)
+    q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+    k = apply_rope(k, cos[:, :, None], sin[:, :, None])
+    if layer_cache is not None:
+      # layer_cache = (k, v, layer): arrays [layers, B, T, Hkv, D] updated in place at `layer`
+      # (unscanned), or (k, v, None): this layer's [B, T, Hkv, D] slice (scanned).
+      ck, cv, li = layer_cache
+      if li is None:
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+        k_all, v_all = ck, cv
+      else:
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (li, 0, cache_index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (li, 0, cache_index, 0, 0))
+        k_all, v_all = ck[li], cv[li]
+      k_all, v_all, new_cache = k_all.astype(self.dtype), v_all.astype(self.dtype), (ck, cv)
+    else:
+      k_all, v_all, new_cache = k, v, None
+    out = attention.get(self.config.attention_impl)(q, k_all, v_all, mask)
+    out = dense(t.hidden_size, False, "o_proj", **kw)(out.reshape(b, s, -1))
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  config: Qwen2_5_VLConfig
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    t = self.config.text
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = dense(t.intermediate_size, False, "gate_proj", **kw)(x)
+    up = dense(t.intermediate_size, False, "up_proj", **kw)(x)
+    return dense(t.hidden_size, False, "down_proj", **kw)(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  config: Qwen2_5_VLConfig
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+    t = self.config.text
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h, new_cache = Attention(self.config, name="self_attn", **kw)(
+        RMSNorm(t.rms_norm_eps, name="input_layernorm", **kw)(x), cos, sin, mask, layer_cache, cache_index)
+    x = x + h
+    x = x + MLP(self.config, name="mlp", **kw)(RMSNorm(t.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
+    return x, new_cache
+
+
+class _ScanLayer(nn.Module):
+  """DecoderLayer in nn.scan form: carry = hidden states, xs = this layer's cache slice (or a dummy)."""
+
+  config: Qwen2_5_VLConfig
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, xs, cos, sin, mask, cache_index):
+    use_cache = xs[0].shape[1] > 0  # a size-0 slot axis is the "no cache" dummy
+    layer = DecoderLayer
+    if self.config.remat != "none":
+      layer = nn.remat(DecoderLayer, policy=remat_policy(self.config.remat))
+    lc = (xs[0], xs[1], None) if use_cache else None
+    x, new_cache = layer(self.config, name="layer", dtype=self.dtype, param_dtype=self.param_dtype)(
+        x, cos, sin, mask, lc, cache_index)
+    return x, (new_cache if use_cache else xs)
+
+
+def causal_mask(kv_mask, q_len: int, cache_index):
+  """[B, 1, S, T] bool: query i (slot cache_index + i) sees key slot j iff j <= slot and kv_mask[b, j]."""
+  t_len = kv_mask.shape[-1]
+  q_slot = cache_index + jnp.arange(q_len)[:, None]
+  allowed = jnp.arange(t_len)[None, :] <= q_slot  # [S, T]
+  return allowed[None, None] & (kv_mask[:, None, None, :] > 0)
+
+
+class TextModel(nn.Module):
+  """embeddings in → final-norm hidden states out; `embed_tokens` is exposed for the image scatter."""
+
+  config: Qwen2_5_VLConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    t = self.config.text
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed_tokens = nn.Embed(t.vocab_size, t.hidden_size, name="embed_tokens",
+                                 embedding_init=nn.initializers.normal(0.02), **kw)
+    if self.config.scan_layers:
+      self.layers = nn.scan(
+          _ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=t.num_hidden_layers,
+      )(self.config, name="layers", **kw)
+    else:
+      layer = DecoderLayer
+      if self.config.remat != "none":
+        layer = nn.remat(DecoderLayer, policy=remat_policy(self.config.remat))
+      self.layer_list = [layer(self.config, name=f"layers_{i}", **kw) for i in range(t.num_hidden_layers)]
+    self.norm = RMSNorm(t.rms_norm_eps, name="norm", **kw)
+
+  def embed(self, input_ids):
+    return self.embed_tokens(input_ids)
+
+  def attend(self, hidden):
+    """Tied-embedding logits: hidden @ embed_tokensᵀ."""
+    return self.embed_tokens.attend(hidden)
+
+  def __call__(self, inputs_embeds, position_ids, kv_mask, cache=None, cache_index=0):
+    t = self.config.text
+    s = inputs_embeds.shape[1]
+    cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
+    mask = causal_mask(kv_mask, s, cache_index)
+    x = inputs_embeds.astype(self.dtype)
+    if self.config.scan_layers:
+      if cache is None:
+        # the scanned layer always carries a cache slice; without one it gets a size-0 dummy.
+        dummy = jnp.zeros((t.num_hidden_layers, x.shape[0], 0, t.num_key_value_heads, t.head_dim), self.dtype)
+        kv_in = (dummy, dummy)
+      else:
+        kv_in = (cache["k"], cache["v"])
+      x, (nk, nv) = self.layers(x, kv_in, cos, sin, mask, cache_index)
+      new_cache = None if cache is None else {"k": nk, "v": nv}
+    else:
+      ck = cv = None
+      if cache is not None:
+        ck, cv = cache["k"], cache["v"]
+      for i, layer in enumerate(self.layer_list):
+        lc = None if cache is None else (ck, cv, i)
+        x, nc = layer(x, cos, sin, mask, lc, cache_index)
+        if nc is not None:
+          ck, cv = nc
+      new_cache = None if cache is None else {"k": ck, "v": cv}
+    return self.norm(x), new_cache
