@@ -193,7 +193,7 @@ def load_params(hf_dir: str, config: Qwen2_5_VLConfig, dtype=jnp.float32,
   model = Qwen2_5_VL(config.replace(scan_layers=False))
   expected = traverse_util.flatten_dict(abstract_params(model))
   got: dict[Path, jax.Array] = {}
-  unexpected, misshaped = [], []
+  unexpected, misshaped, misshaped_paths = [], [], set()
   for key, tensor in iter_hf_tensors(hf_dir):
     if config.tie_word_embeddings and key == "lm_head.weight":
       continue  # some tied checkpoints carry a copy; the embedding is the one used
@@ -208,12 +208,13 @@ def load_params(hf_dir: str, config: Qwen2_5_VLConfig, dtype=jnp.float32,
     val = hf_to_param(path, tensor)
     want = tuple(expected[path].shape)
     if tuple(val.shape) != want:
-      misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)} → {tuple(val.shape)}, model expects {want}")
+      misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)}, model expects {want} (in our layout)")
+      misshaped_paths.add(path)
       continue
     val = jnp.asarray(val, dtype=dtype)
     sh = sharding_fn(path, want) if sharding_fn else None
     got[path] = jax.device_put(val, sh) if sh is not None else val
-  missing = sorted(path_to_hf_key(p) for p in expected if p not in got)
+  missing = sorted(path_to_hf_key(p) for p in expected if p not in got and p not in misshaped_paths)
   if missing or unexpected or misshaped:
     msg = [f"checkpoint in {hf_dir} does not match the model config:"]
     if missing:
