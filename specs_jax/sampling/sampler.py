@@ -125,7 +125,7 @@ class Sampler:
     logits, cache = self.model.apply({"params": params}, input_ids, position_ids, kv_mask, cache, 0,
                                      image_embeds=image_embeds, last_only=True, method="extend")
     if n > 1:  # a GRPO group: copy the prompt's cache instead of recomputing it
-      cache = jax.tree.map(lambda c: jnp.repeat(c, n, axis=1), cache)
+      cache = text_lib.repeat_cache(cache, n)
       kv_mask = jnp.repeat(kv_mask, n, axis=0)
       logits = jnp.repeat(logits, n, axis=0)
     return logits, cache, kv_mask

@@ -1,6 +1,8 @@
 """The Qwen2.5-VL text decoder (Qwen2 layers with M-RoPE), with an optional KV cache.
 
-Cache layout: {"k": [layers, B, T, Hkv, D], "v": same}. A call writes its S new keys/values at
+Cache layout: {"k": [per-layer [B, T, Hkv, D] arrays], "v": same} (unscanned layers: each layer's
+buffer is updated in place inside the decode loop), or stacked [layers, B, T, Hkv, D] arrays
+when `scan_layers` (the scan needs a leading layer axis). A call writes its S new keys/values at
 slots [cache_index, cache_index + S) and lets query i (at slot cache_index + i) attend to slots
 j <= cache_index + i with kv_mask[b, j] = 1. The same code path serves the full forward (no cache:
 T = S, cache_index = 0), the prefill, and the one-token decode.
@@ -18,10 +20,20 @@ from specs_jax.models.qwen2_5_vl.layers import RMSNorm, dense, remat_policy
 from specs_jax.models.qwen2_5_vl.rope import apply_rope, mrope_cos_sin
 
 
-def init_cache(config: Qwen2_5_VLConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+def init_cache(config: Qwen2_5_VLConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+  """Zeroed KV cache for `length` slots (layout in the module docstring)."""
   t = config.text
-  shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  shape = (batch, length, t.num_key_value_heads, t.head_dim)
+  if config.scan_layers:
+    stacked = (t.num_hidden_layers, *shape)
+    return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
+  return {"k": [jnp.zeros(shape, dtype) for _ in range(t.num_hidden_layers)],
+          "v": [jnp.zeros(shape, dtype) for _ in range(t.num_hidden_layers)]}
+
+
+def repeat_cache(cache: dict, n: int) -> dict:
+  """Repeats every sequence of a cache n times (rows i*n .. i*n+n-1 copy row i)."""
+  return jax.tree.map(lambda c: jnp.repeat(c, n, axis=c.ndim - 4), cache)
 
 
 class Attention(nn.Module):
@@ -39,19 +51,11 @@ class Attention(nn.Module):
     v = dense(t.num_key_value_heads * t.head_dim, True, "v_proj", **kw)(x).reshape(b, s, t.num_key_value_heads, -1)
     q = apply_rope(q, cos[:, :, None], sin[:, :, None])
     k = apply_rope(k, cos[:, :, None], sin[:, :, None])
-    if layer_cache is not None:
-      # layer_cache = (k, v, layer): arrays [layers, B, T, Hkv, D] updated in place at `layer`
-      # (unscanned), or (k, v, None): this layer's [B, T, Hkv, D] slice (scanned).
-      ck, cv, li = layer_cache
-      if li is None:
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-        k_all, v_all = ck, cv
-      else:
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (li, 0, cache_index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (li, 0, cache_index, 0, 0))
-        k_all, v_all = ck[li], cv[li]
-      k_all, v_all, new_cache = k_all.astype(self.dtype), v_all.astype(self.dtype), (ck, cv)
+    if layer_cache is not None:  # this layer's (k, v) buffers [B, T, Hkv, D]
+      ck, cv = layer_cache
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+      k_all, v_all, new_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
     else:
       k_all, v_all, new_cache = k, v, None
     out = attention.get(self.config.attention_impl)(q, k_all, v_all, mask)
@@ -102,7 +106,7 @@ class _ScanLayer(nn.Module):
     layer = DecoderLayer
     if self.config.remat != "none":
       layer = nn.remat(DecoderLayer, policy=remat_policy(self.config.remat))
-    lc = (xs[0], xs[1], None) if use_cache else None
+    lc = (xs[0], xs[1]) if use_cache else None
     x, new_cache = layer(self.config, name="layer", dtype=self.dtype, param_dtype=self.param_dtype)(
         x, cos, sin, mask, lc, cache_index)
     return x, (new_cache if use_cache else xs)
@@ -163,13 +167,12 @@ class TextModel(nn.Module):
       x, (nk, nv) = self.layers(x, kv_in, cos, sin, mask, cache_index)
       new_cache = None if cache is None else {"k": nk, "v": nv}
     else:
-      ck = cv = None
-      if cache is not None:
-        ck, cv = cache["k"], cache["v"]
+      nks, nvs = [], []
       for i, layer in enumerate(self.layer_list):
-        lc = None if cache is None else (ck, cv, i)
+        lc = None if cache is None else (cache["k"][i], cache["v"][i])
         x, nc = layer(x, cos, sin, mask, lc, cache_index)
         if nc is not None:
-          ck, cv = nc
-      new_cache = None if cache is None else {"k": ck, "v": cv}
+          nks.append(nc[0])
+          nvs.append(nc[1])
+      new_cache = None if cache is None else {"k": nks, "v": nvs}
     return self.norm(x), new_cache

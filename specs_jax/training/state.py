@@ -1,0 +1,285 @@
+"""Train state, optimizer (AdamW + schedule + clipping + decay mask + freezing), gradient accumulation.
+
+Params are a nested dict pytree such as {"visual": {...}, "model": {...}, "lm_head": {...}} with
+leaves named "kernel", "bias", "scale" or "embedding"; a parameter's *path* is its keys joined by
+"/" (e.g. "model/layers_3/self_attn/q_proj/kernel").
+
+The optimizer follows what the HF Trainer behind LLaMA-Factory and MM-EUREKA's DeepSpeed do:
+- global-norm clipping over the *trainable* gradients only (frozen parameters have no gradient in
+  PyTorch, so they must not count towards the norm);
+- AdamW with decoupled weight decay, not applied to biases, norm scales or any 1-D parameter
+  (HF `get_decay_parameter_names` excludes biases and LayerNorm weights; embeddings are decayed);
+- a linear warmup from 0 then cosine decay to `min_lr_ratio·lr` (HF `cosine`) or a constant
+  (`constant_with_warmup`); warmup_ratio rounds up as HF does (ceil(ratio·total_steps)).
+Frozen parameters (path prefixes, e.g. "visual" as MM-EUREKA's `--freeze_prefix visual`) get
+`optax.set_to_zero()` via `optax.multi_transform`, which stores `optax.MaskedNode()` placeholders for
+them in the Adam moments: no optimizer memory beyond the trainable parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "OptimizerConfig",
+    "TrainState",
+    "accumulate_gradients",
+    "create_train_state",
+    "decay_mask",
+    "freeze_labels",
+    "make_optimizer",
+    "make_schedule",
+    "param_path",
+    "warmup_steps",
+]
+
+PyTree = Any
+NO_DECAY_NAMES = ("bias", "scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Optimizer hyper-parameters (the `optimizer` block of a config).
+
+  Attributes:
+    learning_rate: peak learning rate.
+    schedule: "cosine" (warmup, then cosine to min_lr_ratio·lr at total_steps), "constant"
+      (warmup, then constant) or "linear" (warmup, then linear to min_lr_ratio·lr).
+    total_steps: number of optimizer updates (the schedule's length).
+    warmup_steps: explicit warmup length; if None, ceil(warmup_ratio·total_steps).
+    warmup_ratio: used when warmup_steps is None.
+    min_lr_ratio: final learning rate of cosine/linear decay, as a fraction of the peak.
+    b1, b2, eps: Adam moments (torch / HF defaults).
+    weight_decay: decoupled AdamW decay, applied to params for which `decay_mask` is True.
+    max_grad_norm: global-norm clipping threshold over trainable grads; None or 0 disables it.
+    frozen_prefixes: parameter path prefixes that are not trained ("visual", "model/embed_tokens").
+  """
+  learning_rate: float = 1e-6
+  schedule: str = "cosine"
+  total_steps: int = 1000
+  warmup_steps: int | None = None
+  warmup_ratio: float = 0.0
+  min_lr_ratio: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  max_grad_norm: float | None = 1.0
+  frozen_prefixes: tuple[str, ...] = ()
+
+  @classmethod
+  def from_mapping(cls, cfg: Mapping[str, Any]) -> "OptimizerConfig":
+    """From a dict / ml_collections.ConfigDict; unknown keys raise (they are usually typos)."""
+    d = dict(cfg.items())
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown optimizer config keys: {sorted(unknown)}")
+    if "frozen_prefixes" in d:
+      d["frozen_prefixes"] = tuple(d["frozen_prefixes"])
+    return cls(**d)
+
+
+# ---------------------------------------------------------------------------------- schedules
+
+def warmup_steps(cfg: OptimizerConfig) -> int:
+  """The warmup length: cfg.warmup_steps, else ceil(warmup_ratio·total_steps) (HF convention)."""
+  if cfg.warmup_steps is not None:
+    return int(cfg.warmup_steps)
+  return int(math.ceil(cfg.warmup_ratio * cfg.total_steps))
+
+
+def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+  """Learning rate as a function of the optimizer step (0-based count of updates already applied).
+
+  lr(s) = lr·s/W for s < W (so the first update uses lr 0 when W > 0, as HF's LambdaLR), then
+    cosine:   min + (lr − min)·½(1 + cos(π·(s − W)/(T − W)))  reaching min at s = T
+    linear:   lr + (min − lr)·(s − W)/(T − W)
+    constant: lr
+  with W the warmup steps, T = total_steps, min = min_lr_ratio·lr; constant at min after T.
+  """
+  lr, w, t = cfg.learning_rate, warmup_steps(cfg), int(cfg.total_steps)
+  end = cfg.min_lr_ratio * lr
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, w, max(t, w + 1), end_value=end)
+  if cfg.schedule == "linear":
+    decay = optax.linear_schedule(lr, end, max(t - w, 1))
+  elif cfg.schedule == "constant":
+    decay = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"schedule must be cosine, linear or constant, got {cfg.schedule!r}")
+  if w == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, w), decay], [w])
+
+
+# ------------------------------------------------------------------------------ masks, labels
+
+def param_path(path: Sequence[Any]) -> str:
+  """A tree_util key path as "a/b/c"."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def decay_mask(params: PyTree) -> PyTree:
+  """True where weight decay applies: not on leaves named bias/scale, not on 1-D (or 0-D) params.
+
+  Args:
+    params: the params pytree (or any pytree with the same structure and shapes, e.g. updates).
+  Returns:
+    pytree of Python bools with the structure of `params`.
+  """
+  def rule(path, x):
+    name = param_path(path).rsplit("/", 1)[-1]
+    return name not in NO_DECAY_NAMES and jnp.ndim(x) >= 2
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def _is_under(path: str, prefix: str) -> bool:
+  prefix = prefix.strip("/")
+  return path == prefix or path.startswith(prefix + "/")
+
+
+def freeze_labels(params: PyTree, frozen_prefixes: Sequence[str]) -> PyTree:
+  """"frozen" for params whose path starts with one of `frozen_prefixes` (whole path components:
+  "visual" freezes "visual/blocks_0/..." but not "visual_proj/..."), "trainable" otherwise."""
+  def rule(path, _):
+    p = param_path(path)
+    return "frozen" if any(_is_under(p, f) for f in frozen_prefixes) else "trainable"
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+# ---------------------------------------------------------------------------------- optimizer
+
+def make_optimizer(
+    cfg: OptimizerConfig | Mapping[str, Any], params: PyTree | None = None
+) -> optax.GradientTransformation:
+  """clip_by_global_norm → AdamW(schedule, decay_mask) on trainable params; zero for frozen ones.
+
+  Args:
+    cfg: an OptimizerConfig or a mapping with its fields.
+    params: needed only when cfg.frozen_prefixes is non-empty (the labels depend on the tree).
+      A tree of `jax.ShapeDtypeStruct`s (from `jax.eval_shape`) is enough.
+
+  Returns:
+    An optax GradientTransformation. Its learning rate at step s is `make_schedule(cfg)(s)`.
+  """
+  if not isinstance(cfg, OptimizerConfig):
+    cfg = OptimizerConfig.from_mapping(cfg)
+  parts = []
+  if cfg.max_grad_norm:
+    parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+  # The mask is a callable, evaluated on the (masked) update tree: inside multi_transform the
+  # frozen leaves are MaskedNode placeholders, which tree_map skips.
+  parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  tx = optax.chain(*parts)
+  if not cfg.frozen_prefixes:
+    return tx
+  if params is None:
+    raise ValueError("make_optimizer needs params (or their shapes) when frozen_prefixes is set")
+  labels = freeze_labels(params, cfg.frozen_prefixes)
+  if "trainable" not in jax.tree.leaves(labels):
+    raise ValueError(f"frozen_prefixes {cfg.frozen_prefixes} freeze every parameter")
+  if "frozen" not in jax.tree.leaves(labels):
+    raise ValueError(f"frozen_prefixes {cfg.frozen_prefixes} match no parameter path")
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+# ---------------------------------------------------------------------------------- the state
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. `tx` is static (not a pytree leaf, not checkpointed).
+
+  Attributes:
+    step: int32 scalar, number of optimizer updates applied.
+    params: the params pytree.
+    opt_state: the optax state of `tx`.
+    rng: a PRNG key; steps that sample fold in `step` rather than splitting it.
+  """
+  step: jax.Array
+  params: PyTree
+  opt_state: optax.OptState
+  rng: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
+
+  def apply_gradients(self, grads: PyTree) -> "TrainState":
+    """One optimizer update; returns the new state (step + 1)."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
+
+
+def create_train_state(
+    params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+  """A TrainState at step 0 with the optimizer state initialised for `params`."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=rng, tx=optimizer)
+
+
+# ------------------------------------------------------------------------ gradient accumulation
+
+LossTermsFn = Callable[[PyTree, PyTree], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+def accumulate_gradients(
+    loss_terms_fn: LossTermsFn, params: PyTree, micro_batches: PyTree
+) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
+  """Exact gradient of Σ_k loss_sum_k / Σ_k denom_k over M micro-batches, with `jax.lax.scan`.
+
+  The gradient of each micro-batch's *sum* is accumulated (float32), and the total is divided by
+  the total denominator once at the end. This equals the gradient of the full batch for any loss
+  that is a ratio of additive terms (token-mean over the global token count, mean over pairs),
+  whereas averaging per-micro-batch means does not when the denominators differ.
+
+  Args:
+    loss_terms_fn: (params, micro_batch) -> (loss_sum, denom, metrics). loss_sum is
+      differentiable; denom must not depend on params (it is stop-gradient'ed); metrics are
+      additive sums (scalars), e.g. `grpo.policy_loss_terms`'s third output.
+    params: the params pytree.
+    micro_batches: pytree whose leaves have a leading micro-batch axis [M, ...].
+
+  Returns:
+    loss: scalar float32 = Σ loss_sum / Σ denom.
+    grads: pytree like params (each leaf in its param's dtype).
+    metrics: the metrics summed over micro-batches, plus "denom" (Σ denom).
+  """
+  def value_fn(p, mb):
+    loss_sum, denom, metrics = loss_terms_fn(p, mb)
+    return loss_sum, (jax.lax.stop_gradient(denom), metrics)
+
+  grad_fn = jax.value_and_grad(value_fn, has_aux=True)
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  _, (_, metrics_shape) = jax.eval_shape(value_fn, params, first)
+
+  def body(carry, mb):
+    g_acc, loss_acc, den_acc, m_acc = carry
+    (loss_sum, (denom, metrics)), g = grad_fn(params, mb)
+    g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+    m_acc = jax.tree.map(lambda a, b: a + b.astype(a.dtype), m_acc, metrics)
+    return (g_acc, loss_acc + loss_sum.astype(jnp.float32),
+            den_acc + jnp.asarray(denom, jnp.float32), m_acc), None
+
+  zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)
+  init = (zeros(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+          zeros(metrics_shape))
+  (g_sum, loss_total, den_total, metrics), _ = jax.lax.scan(body, init, micro_batches)
+  safe = jnp.where(den_total > 0, den_total, 1.0)
+  grads = jax.tree.map(lambda g, p: (g / safe).astype(jnp.result_type(p)), g_sum, params)
+  return loss_total / safe, grads, metrics | {"denom": den_total}
