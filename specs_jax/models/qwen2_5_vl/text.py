@@ -1,8 +1,9 @@
 """The Qwen2.5-VL text decoder (Qwen2 layers with M-RoPE), with an optional KV cache.
 
-Cache layout: {"k": [per-layer [B, T, Hkv, D] arrays], "v": same} (unscanned layers: each layer's
-buffer is updated in place inside the decode loop), or stacked [layers, B, T, Hkv, D] arrays
-when `scan_layers` (the scan needs a leading layer axis). A call writes its S new keys/values at
+Cache layout: {"k": [per-layer [B, Hkv, T, D] arrays], "v": same} (unscanned layers: each layer's
+buffer is updated in place inside the decode loop), or stacked [layers, B, Hkv, T, D] arrays
+when `scan_layers` (the scan needs a leading layer axis). Head-major, so that attention reads it
+without a transpose. A call writes its S new keys/values at
 slots [cache_index, cache_index + S) and lets query i (at slot cache_index + i) attend to slots
 j <= cache_index + i with kv_mask[b, j] = 1. The same code path serves the full forward (no cache:
 T = S, cache_index = 0), the prefill, and the one-token decode.
@@ -23,7 +24,7 @@ from specs_jax.models.qwen2_5_vl.rope import apply_rope, mrope_cos_sin
 def init_cache(config: Qwen2_5_VLConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
   """Zeroed KV cache for `length` slots (layout in the module docstring)."""
   t = config.text
-  shape = (batch, length, t.num_key_value_heads, t.head_dim)
+  shape = (batch, t.num_key_value_heads, length, t.head_dim)
   if config.scan_layers:
     stacked = (t.num_hidden_layers, *shape)
     return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
@@ -51,10 +52,11 @@ class Attention(nn.Module):
     v = dense(t.num_key_value_heads * t.head_dim, True, "v_proj", **kw)(x).reshape(b, s, t.num_key_value_heads, -1)
     q = apply_rope(q, cos[:, :, None], sin[:, :, None])
     k = apply_rope(k, cos[:, :, None], sin[:, :, None])
-    if layer_cache is not None:  # this layer's (k, v) buffers [B, T, Hkv, D]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # head-major [B, Hkv, S, D]
+    if layer_cache is not None:  # this layer's (k, v) buffers [B, Hkv, T, D]
       ck, cv = layer_cache
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, cache_index, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0))
       k_all, v_all, new_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
     else:
       k_all, v_all, new_cache = k, v, None
@@ -102,7 +104,7 @@ class _ScanLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, xs, cos, sin, mask, cache_index):
-    use_cache = xs[0].shape[1] > 0  # a size-0 slot axis is the "no cache" dummy
+    use_cache = xs[0].shape[2] > 0  # a size-0 slot axis is the "no cache" dummy
     layer = DecoderLayer
     if self.config.remat != "none":
       layer = nn.remat(DecoderLayer, policy=remat_policy(self.config.remat))
@@ -160,7 +162,7 @@ class TextModel(nn.Module):
     if self.config.scan_layers:
       if cache is None:
         # the scanned layer always carries a cache slice; without one it gets a size-0 dummy.
-        dummy = jnp.zeros((t.num_hidden_layers, x.shape[0], 0, t.num_key_value_heads, t.head_dim), self.dtype)
+        dummy = jnp.zeros((t.num_hidden_layers, x.shape[0], t.num_key_value_heads, 0, t.head_dim), self.dtype)
         kv_in = (dummy, dummy)
       else:
         kv_in = (cache["k"], cache["v"])

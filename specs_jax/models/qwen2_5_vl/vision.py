@@ -32,7 +32,8 @@ class VisionAttention(nn.Module):
     # RoPE in float32 (HF apply_rotary_pos_emb_vision), back to the compute dtype.
     q = apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
     k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
-    out = attention.get(self.config.attention_impl)(q[None], k[None], val[None], mask[None, None])[0]
+    kt, vt = k.transpose(1, 0, 2)[None], val.transpose(1, 0, 2)[None]  # [1, H, P, D]
+    out = attention.get(self.config.attention_impl)(q[None], kt, vt, mask[None, None])[0]
     return dense(v.hidden_size, True, "proj", self.dtype, self.param_dtype)(out.reshape(p, v.hidden_size))
 
 
