@@ -46,13 +46,22 @@ class FakeServer:
           n = server._seen[text] = server._seen.get(text, 0) + 1
           server.in_flight += 1
           server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        self._counted = True
         try:
           self._reply(marker, n)
         finally:
-          with server._lock:
+          self._leave()
+
+      def _leave(self):
+        # Leave the in-flight count before the reply goes out: once the client has the reply it may
+        # send its next request before this handler thread gets to run again (seen in CI on 2 cores).
+        with server._lock:
+          if getattr(self, "_counted", False):
             server.in_flight -= 1
+            self._counted = False
 
       def _send(self, code, payload: bytes, headers=()):
+        self._leave()
         self.send_response(code)
         for k, v in headers:
           self.send_header(k, v)
