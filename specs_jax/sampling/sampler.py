@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 DEFAULT_GEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 10240, 16384)
-DEFAULT_PATCH_BUCKETS = tuple(2**i for i in range(4, 17))
+DEFAULT_PATCH_BUCKETS = tuple(2**i for i in range(4, 17))  # patches per image slot
+DEFAULT_IMAGE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # image slots per batch
 
 _COMPILES: collections.Counter = collections.Counter()
 
@@ -179,6 +180,7 @@ class Sampler:
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS,
                patch_buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS,
+               image_buckets: Sequence[int] = DEFAULT_IMAGE_BUCKETS,
                data_sharding: jax.sharding.Sharding | None = None) -> SampleOutput:
     cfg = self.model.config
     ids = np.asarray(input_ids)
@@ -207,12 +209,13 @@ class Sampler:
     mask_p[:, lp_len - length:] = mask
     pv = vision = None
     if pixel_values is not None:
-      pv_np = np.asarray(pixel_values, np.float32)
-      n_patch = _bucket(pv_np.shape[0], patch_buckets, "number of image patches")
-      pv = np.zeros((n_patch, pv_np.shape[1]), np.float32)
-      pv[:pv_np.shape[0]] = pv_np
-      prep = prepare_inputs(cfg, ids_p, mask_p, image_grid_thw, num_patches=n_patch)
-      vision = prep.vision
+      # One attention block (slot) per image: slot size and slot count bucketed.
+      from specs_jax.models.qwen2_5_vl.rope import slot_size_for
+      slot = _bucket(slot_size_for(image_grid_thw), patch_buckets, "patches of the largest image")
+      n_img = _bucket(len(np.asarray(image_grid_thw).reshape(-1, 3)), image_buckets, "number of images")
+      prep = prepare_inputs(cfg, ids_p, mask_p, image_grid_thw, slot_size=slot, num_slots=n_img,
+                            pixel_values=pixel_values)
+      pv, vision = prep.pixel_values, prep.vision
     else:
       prep = prepare_inputs(cfg, ids_p, mask_p, None)
     next_pos = np.repeat(mask.sum(-1) + prep.rope_deltas, n).astype(np.int32)

@@ -169,8 +169,9 @@ def test_incremental_decoding_matches_full_forward(jax_model, mm_batch):
   """Prefill the first L0 tokens, then feed the rest one at a time: logits equal the full forward."""
   model, params = jax_model
   ids, mask = mm_batch["input_ids"], mm_batch["attention_mask"]
-  prep = qwen2_5_vl.prepare_inputs(model.config, ids, mask, mm_batch["image_grid_thw"])
-  full = np.asarray(model.apply({"params": params}, ids, mask, pixel_values=mm_batch["pixel_values"],
+  prep = qwen2_5_vl.prepare_inputs(model.config, ids, mask, mm_batch["image_grid_thw"], slot_size="auto",
+                                   pixel_values=mm_batch["pixel_values"])
+  full = np.asarray(model.apply({"params": params}, ids, mask, pixel_values=prep.pixel_values,
                                 position_ids=prep.position_ids, vision=prep.vision))
   b, length = ids.shape
   l0 = length - 6
@@ -178,7 +179,7 @@ def test_incremental_decoding_matches_full_forward(jax_model, mm_batch):
   cache = text_lib.init_cache(model.config, b, total)
   kv_mask = np.zeros((b, total), np.int32)
   kv_mask[:, :length] = mask
-  image_embeds = model.apply({"params": params}, mm_batch["pixel_values"], prep.vision, method="encode_images")
+  image_embeds = model.apply({"params": params}, prep.pixel_values, prep.vision, method="encode_images")
   step = jax.jit(lambda p, i, pos, m, c, ci, emb: model.apply({"params": p}, i, pos, m, c, ci, image_embeds=emb,
                                                               last_only=False, method="extend"))
   logits, cache = step(params, ids[:, :l0], prep.position_ids[:, :, :l0], kv_mask, cache, 0, image_embeds)

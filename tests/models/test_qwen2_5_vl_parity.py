@@ -86,18 +86,19 @@ def test_config_variants(variant, tmp_path, tokenizer, image_processor):
   _compare(model, params, hf, hf_batch(tokenizer, image_processor, samples))
 
 
-def test_jit_with_prepared_inputs_and_patch_bucket(jax_model, hf_model, tokenizer, image_processor):
-  """Inside jit: positions and vision metadata precomputed, patches padded to a bucket."""
+@pytest.mark.parametrize("layout", ["flat", "slots"])
+def test_jit_with_prepared_inputs_and_patch_bucket(layout, jax_model, hf_model, tokenizer, image_processor):
+  """Inside jit: positions and vision metadata precomputed, patches padded to a bucket: one block
+  for all patches ("flat") or one padded slot per image ("slots")."""
   model, params = jax_model
   rng = np.random.default_rng(4)
   batch = hf_batch(tokenizer, image_processor, [("<image>count", [random_image(rng, 112, 112)]),
                                                 ("<image>sum", [random_image(rng, 56, 84)])])
-  n = batch["pixel_values"].shape[0]
-  bucket = 256
+  kw = dict(num_patches=256) if layout == "flat" else dict(slot_size=128, num_slots=4)
   prep = qwen2_5_vl.prepare_inputs(model.config, batch["input_ids"], batch["attention_mask"],
-                                   batch["image_grid_thw"], num_patches=bucket)
-  pv = np.zeros((bucket, batch["pixel_values"].shape[1]), np.float32)
-  pv[:n] = batch["pixel_values"]
+                                   batch["image_grid_thw"], pixel_values=batch["pixel_values"], **kw)
+  pv = prep.pixel_values
+  assert pv.shape == (256 if layout == "flat" else 512, 1176)
   fwd = jax.jit(lambda p, ids, m, pv, pos, vis: model.apply({"params": p}, ids, m, pixel_values=pv, position_ids=pos,
                                                             vision=vis))
   ours = np.asarray(fwd(params, batch["input_ids"], batch["attention_mask"], pv, prep.position_ids, prep.vision))

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from specs_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from specs_jax.models.qwen2_5_vl.rope import VisionMeta, get_rope_index, text_positions, vision_metadata
+from specs_jax.models.qwen2_5_vl.rope import (get_rope_index, pack_pixel_values, slot_size_for, text_positions,
+                                              vision_metadata)
 from specs_jax.models.qwen2_5_vl.text import TextModel
 from specs_jax.models.qwen2_5_vl.vision import VisionTransformer
 
@@ -36,7 +37,8 @@ class PreparedInputs:
 
   position_ids: np.ndarray  # [3, B, L] int32
   rope_deltas: np.ndarray  # [B] int32
-  vision: dict[str, np.ndarray] | None  # VisionMeta fields, [P] each; None without images
+  vision: dict[str, np.ndarray] | None  # VisionMeta fields; None without images
+  pixel_values: np.ndarray | None = None  # packed into the slot layout when pixel_values were given
 
 
 def _is_concrete(*xs) -> bool:
@@ -57,19 +59,32 @@ def check_image_tokens(config: Qwen2_5_VLConfig, input_ids, attention_mask, imag
 
 
 def prepare_inputs(config: Qwen2_5_VLConfig, input_ids, attention_mask, image_grid_thw=None,
-                   num_patches: int | None = None) -> PreparedInputs:
-  """Positions, rope deltas and vision metadata for a batch (numpy, host side)."""
+                   num_patches: int | None = None, *, slot_size: int | None = None, num_slots: int | None = None,
+                   pixel_values=None) -> PreparedInputs:
+  """Positions, rope deltas and vision metadata for a batch (numpy, host side).
+
+  Vision layout: with `slot_size` (patches per image slot; "auto" = the largest image) each image
+  gets its own attention block; `num_slots` pads the image count to a bucket. Without it, all
+  patches form one block of `num_patches` (exact but O(P²) across the batch). When `pixel_values`
+  (concatenated, as HF's processor gives) are passed, they are returned packed in that layout.
+  """
   ids = np.asarray(input_ids)
   mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
   check_image_tokens(config, ids, mask, image_grid_thw)
   has_images = image_grid_thw is not None and np.asarray(image_grid_thw).size > 0
+  packed = None
   if has_images:
     pos, deltas = get_rope_index(config, ids, mask, image_grid_thw)
-    meta = vision_metadata(config.vision, image_grid_thw, num_patches).as_dict()
+    if slot_size == "auto":
+      slot_size = slot_size_for(image_grid_thw)
+    meta = vision_metadata(config.vision, image_grid_thw, num_patches, slot_size=slot_size,
+                           num_slots=num_slots).as_dict()
+    if pixel_values is not None:
+      packed = pack_pixel_values(pixel_values, image_grid_thw, slot_size, num_slots, num_patches)
   else:
     pos, deltas = text_positions(mask), np.zeros((ids.shape[0],), np.int32)
     meta = None
-  return PreparedInputs(position_ids=pos, rope_deltas=deltas, vision=meta)
+  return PreparedInputs(position_ids=pos, rope_deltas=deltas, vision=meta, pixel_values=packed)
 
 
 class Qwen2_5_VL(nn.Module):
@@ -88,8 +103,10 @@ class Qwen2_5_VL(nn.Module):
   # ------------------------------------------------------------------ pieces
 
   def encode_images(self, pixel_values, vision):
-    """pixel_values [P, 1176] + vision metadata → merged image tokens [P/m², D]."""
-    return self.visual(pixel_values, vision["pos_h"], vision["pos_w"], vision["window_seg"], vision["full_seg"])
+    """pixel_values [S*Q, 1176] in the slot layout + vision metadata → image token embeddings
+    [S*Q/m², D], in prompt order (padding rows at the end)."""
+    merged = self.visual(pixel_values, vision["pos_h"], vision["pos_w"], vision["window_seg"], vision["full_seg"])
+    return jnp.take(merged, vision["token_index"], axis=0)
 
   def logits_from_hidden(self, hidden):
     if self.config.tie_word_embeddings:
@@ -111,17 +128,21 @@ class Qwen2_5_VL(nn.Module):
     return jnp.where(is_img[..., None], feats, x)
 
   def _prepare(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, vision):
+    """Host-side preparation for eager calls; returns (position_ids, pixel_values, vision)."""
     if position_ids is None or (pixel_values is not None and vision is None):
-      if not _is_concrete(input_ids, attention_mask, image_grid_thw):
+      if not _is_concrete(input_ids, attention_mask, image_grid_thw, pixel_values):
         raise ValueError("inside jit, pass position_ids (and vision= for images) from qwen2_5_vl.prepare_inputs")
       if pixel_values is not None and image_grid_thw is None:
         raise ValueError("pixel_values given without image_grid_thw")
-      n_patches = None if pixel_values is None else int(pixel_values.shape[0])
-      prep = prepare_inputs(self.config, input_ids, attention_mask,
-                            image_grid_thw if pixel_values is not None else None, n_patches)
+      if pixel_values is not None and vision is None:
+        # Eager: concatenated patches (as HF's processor gives) → one slot per image.
+        prep = prepare_inputs(self.config, input_ids, attention_mask, image_grid_thw, slot_size="auto",
+                              pixel_values=np.asarray(pixel_values))
+        pixel_values, vision = jnp.asarray(prep.pixel_values), prep.vision
+      else:
+        prep = prepare_inputs(self.config, input_ids, attention_mask, None)
       position_ids = prep.position_ids if position_ids is None else position_ids
-      vision = prep.vision if vision is None else vision
-    return jnp.asarray(position_ids), vision
+    return jnp.asarray(position_ids), pixel_values, vision
 
   # ------------------------------------------------------------------ forwards
 
@@ -130,8 +151,8 @@ class Qwen2_5_VL(nn.Module):
     """Final-norm hidden states [B, L, D] (no LM head)."""
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    position_ids, vision = self._prepare(input_ids, attention_mask, pixel_values if image_embeds is None else None,
-                                         image_grid_thw, position_ids, vision)
+    position_ids, pixel_values, vision = self._prepare(
+        input_ids, attention_mask, pixel_values if image_embeds is None else None, image_grid_thw, position_ids, vision)
     x = self.embed(input_ids, pixel_values, vision, image_embeds)
     hidden, _ = self.model(x, position_ids, attention_mask)
     return hidden

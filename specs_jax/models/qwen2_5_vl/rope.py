@@ -120,11 +120,16 @@ def text_positions(attention_mask: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class VisionMeta:
-  """Per-patch metadata for the vision tower, all [P] (P = padded patch count).
+  """Per-patch metadata for the vision tower in the slot layout.
 
-  pos_h, pos_w: 2-D rope positions; window_seg / full_seg: attention segment ids for window and
-  full-attention blocks (PAD_SEGMENT on padding); valid: real patch. `num_tokens` is the number of
-  real merged tokens (= valid.sum() / m²).
+  Patches are laid out in S slots of Q patches (one image per slot, padded), so the vision
+  tower attends within [Q, Q] blocks instead of across every patch of the batch ([P, P] with
+  P = all patches would cost O(P²): 8k patches for 32 images of 224 px). The legacy flat layout
+  is one slot holding everything.
+
+  pos_h, pos_w: [S, Q] 2-D rope positions; window_seg / full_seg: [S, Q] attention segment ids
+  (PAD_SEGMENT on padding); valid: [S, Q] real patch; token_index: [S*Q/m²] for each image token
+  in prompt order, its index in the merged [S*Q/m², D] output (0 on padding).
   """
 
   pos_h: np.ndarray
@@ -132,6 +137,7 @@ class VisionMeta:
   window_seg: np.ndarray
   full_seg: np.ndarray
   valid: np.ndarray
+  token_index: np.ndarray
 
   @property
   def num_tokens(self) -> int:
@@ -141,40 +147,101 @@ class VisionMeta:
     return dataclasses.asdict(self)
 
 
-def vision_metadata(vcfg: VisionConfig, grid_thw, num_patches: int | None = None) -> VisionMeta:
-  """Builds `VisionMeta` for images/videos with the given grids, padded to `num_patches`."""
+def _image_patch_meta(vcfg: VisionConfig, t: int, h: int, w: int):
   m = vcfg.spatial_merge_size
   ws = vcfg.window_size // m // vcfg.patch_size  # window side in merge units
-  ph, pw, wseg, fseg = [], [], [], []
-  next_w = next_f = 0
-  for t, h, w in _grid_list(grid_thw):
-    if h % m or w % m:
-      raise ValueError(f"grid (t,h,w)=({t},{h},{w}) not divisible by spatial_merge_size {m}")
-    lh, lw = h // m, w // m
-    # merge-unit order: (t, hb, wb, mh, mw)
-    tt, hb, wb, mh, mw = np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), np.arange(m), np.arange(m),
-                                     indexing="ij")
-    ph.append((hb * m + mh).reshape(-1))
-    pw.append((wb * m + mw).reshape(-1))
-    nwh, nww = -(-lh // ws), -(-lw // ws)
-    win = (tt * nwh + hb // ws) * nww + wb // ws
-    wseg.append(win.reshape(-1) + next_w)
-    fseg.append(tt.reshape(-1) + next_f)
-    next_w += t * nwh * nww
-    next_f += t
-  n = sum(len(x) for x in ph)
-  total = n if num_patches is None else num_patches
-  if total < n:
-    raise ValueError(f"{n} patches do not fit the patch bucket of {total}")
-  pad = total - n
+  if h % m or w % m:
+    raise ValueError(f"grid (t,h,w)=({t},{h},{w}) not divisible by spatial_merge_size {m}")
+  lh, lw = h // m, w // m
+  # merge-unit order: (t, hb, wb, mh, mw)
+  tt, hb, wb, mh, mw = np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), np.arange(m), np.arange(m),
+                                   indexing="ij")
+  nwh, nww = -(-lh // ws), -(-lw // ws)
+  win = (tt * nwh + hb // ws) * nww + wb // ws
+  return ((hb * m + mh).reshape(-1), (wb * m + mw).reshape(-1), win.reshape(-1), tt.reshape(-1),
+          t * nwh * nww, t)
 
-  def cat(parts, fill):
-    a = np.concatenate(parts) if parts else np.zeros((0,), np.int64)
-    return np.concatenate([a, np.full((pad,), fill, np.int64)]).astype(np.int32)
 
-  valid = np.concatenate([np.ones((n,), bool), np.zeros((pad,), bool)])
-  return VisionMeta(pos_h=cat(ph, 0), pos_w=cat(pw, 0), window_seg=cat(wseg, PAD_SEGMENT),
-                    full_seg=cat(fseg, PAD_SEGMENT), valid=valid)
+def slot_size_for(grid_thw) -> int:
+  """Patches of the largest image: the smallest slot size that fits every image."""
+  grids = _grid_list(grid_thw)
+  return max((t * h * w for t, h, w in grids), default=0)
+
+
+def vision_metadata(vcfg: VisionConfig, grid_thw, num_patches: int | None = None, *,
+                    slot_size: int | None = None, num_slots: int | None = None) -> VisionMeta:
+  """Builds `VisionMeta` for images/videos with the given grids.
+
+  With `slot_size` (patches per slot, a multiple of m²) and `num_slots`, each image gets its own
+  slot (pad with `pack_pixel_values`). Otherwise all patches share one slot of `num_patches`
+  (default: exactly the patch count).
+  """
+  unit = vcfg.spatial_merge_size**2
+  grids = _grid_list(grid_thw)
+  sizes = [t * h * w for t, h, w in grids]
+  if slot_size is None:
+    n = sum(sizes)
+    q = n if num_patches is None else num_patches
+    if q < n:
+      raise ValueError(f"{n} patches do not fit the patch bucket of {q}")
+    slots = [list(range(len(grids)))]
+  else:
+    q = slot_size
+    if q % unit:
+      raise ValueError(f"slot_size {q} must be a multiple of {unit}")
+    too_big = [i for i, n in enumerate(sizes) if n > q]
+    if too_big:
+      raise ValueError(f"images {too_big} have {[sizes[i] for i in too_big]} patches, more than the slot size {q}")
+    slots = [[i] for i in range(len(grids))]
+  s_total = len(slots) if num_slots is None else num_slots
+  if s_total < len(slots):
+    raise ValueError(f"{len(slots)} images do not fit {s_total} image slots")
+  shape = (max(s_total, 1), q)
+  pos_h = np.zeros(shape, np.int32)
+  pos_w = np.zeros(shape, np.int32)
+  wseg = np.full(shape, PAD_SEGMENT, np.int32)
+  fseg = np.full(shape, PAD_SEGMENT, np.int32)
+  valid = np.zeros(shape, bool)
+  token_index = np.zeros((shape[0] * q // unit,), np.int32)
+  next_w = next_f = tok = 0
+  for si, members in enumerate(slots):
+    off = 0
+    for gi in members:
+      t, h, w = grids[gi]
+      ph, pw, win, tt, n_win, n_t = _image_patch_meta(vcfg, t, h, w)
+      n = len(ph)
+      pos_h[si, off:off + n], pos_w[si, off:off + n] = ph, pw
+      wseg[si, off:off + n] = win + next_w
+      fseg[si, off:off + n] = tt + next_f
+      valid[si, off:off + n] = True
+      n_tok = n // unit
+      token_index[tok:tok + n_tok] = (si * q + off) // unit + np.arange(n_tok)
+      tok += n_tok
+      next_w += n_win
+      next_f += n_t
+      off += n
+  return VisionMeta(pos_h=pos_h, pos_w=pos_w, window_seg=wseg, full_seg=fseg, valid=valid, token_index=token_index)
+
+
+def pack_pixel_values(pixel_values: np.ndarray, grid_thw, slot_size: int | None = None,
+                      num_slots: int | None = None, num_patches: int | None = None) -> np.ndarray:
+  """Concatenated patches [Σ t·h·w, C] → the slot layout [S*Q, C] of `vision_metadata` (zero padding)."""
+  pv = np.asarray(pixel_values, np.float32)
+  sizes = [t * h * w for t, h, w in _grid_list(grid_thw)]
+  if sum(sizes) != pv.shape[0]:
+    raise ValueError(f"pixel_values has {pv.shape[0]} patches but image_grid_thw gives {sum(sizes)}")
+  if slot_size is None:
+    q = pv.shape[0] if num_patches is None else num_patches
+    out = np.zeros((q, pv.shape[1]), np.float32)
+    out[:pv.shape[0]] = pv
+    return out
+  s_total = len(sizes) if num_slots is None else num_slots
+  out = np.zeros((max(s_total, 1) * slot_size, pv.shape[1]), np.float32)
+  start = 0
+  for i, n in enumerate(sizes):
+    out[i * slot_size:i * slot_size + n] = pv[start:start + n]
+    start += n
+  return out
 
 
 # ------------------------------------------------------------------------------ cos / sin (in jit)
@@ -201,11 +268,11 @@ def mrope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section, dtyp
 
 
 def vision_cos_sin(pos_h, pos_w, head_dim: int, theta: float):
-  """2-D rope for patches: [P] positions → cos, sin [P, head_dim] float32 (h freqs then w freqs, twice)."""
+  """2-D rope for patches: [...] positions → cos, sin [..., head_dim] float32 (h freqs then w freqs, twice)."""
   dim = head_dim // 2
   inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))  # [head_dim/4]
-  fh = pos_h.astype(jnp.float32)[:, None] * inv_freq
-  fw = pos_w.astype(jnp.float32)[:, None] * inv_freq
+  fh = pos_h.astype(jnp.float32)[..., None] * inv_freq
+  fw = pos_w.astype(jnp.float32)[..., None] * inv_freq
   f = jnp.concatenate([fh, fw], axis=-1)
   emb = jnp.concatenate([f, f], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)

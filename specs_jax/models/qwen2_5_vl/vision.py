@@ -24,17 +24,18 @@ class VisionAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask):
+    """x [S, Q, D] (S image slots of Q patches); cos/sin [S, Q, head_dim]; mask [S, Q, Q]."""
     v = self.config.vision
-    p = x.shape[0]
+    s, q_len = x.shape[:2]
     qkv = dense(3 * v.hidden_size, True, "qkv", self.dtype, self.param_dtype)(x)
-    q, k, val = jnp.split(qkv.reshape(p, 3, v.num_heads, v.head_dim), 3, axis=1)
-    q, k, val = q[:, 0], k[:, 0], val[:, 0]  # [P, H, D]
+    qkv = qkv.reshape(s, q_len, 3, v.num_heads, v.head_dim)
+    q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [S, Q, H, D]
     # RoPE in float32 (HF apply_rotary_pos_emb_vision), back to the compute dtype.
-    q = apply_rope(q.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
-    k = apply_rope(k.astype(jnp.float32), cos[:, None], sin[:, None]).astype(self.dtype)
-    kt, vt = k.transpose(1, 0, 2)[None], val.transpose(1, 0, 2)[None]  # [1, H, P, D]
-    out = attention.get(self.config.attention_impl)(q[None], kt, vt, mask[None, None])[0]
-    return dense(v.hidden_size, True, "proj", self.dtype, self.param_dtype)(out.reshape(p, v.hidden_size))
+    q = apply_rope(q.astype(jnp.float32), cos[:, :, None], sin[:, :, None]).astype(self.dtype)
+    k = apply_rope(k.astype(jnp.float32), cos[:, :, None], sin[:, :, None]).astype(self.dtype)
+    kt, vt = k.transpose(0, 2, 1, 3), val.transpose(0, 2, 1, 3)  # [S, H, Q, D]
+    out = attention.get(self.config.attention_impl)(q, kt, vt, mask[:, None])
+    return dense(v.hidden_size, True, "proj", self.dtype, self.param_dtype)(out.reshape(s, q_len, v.hidden_size))
 
 
 class VisionMLP(nn.Module):
@@ -95,7 +96,8 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """pixel_values [P, C*T*p*p] + per-patch metadata → merged tokens [P/m², out_hidden]."""
+  """pixel_values [S*Q, C*T*p*p] + per-patch metadata [S, Q] → merged tokens [S*Q/m², out_hidden]
+  (slot layout: see rope.VisionMeta)."""
 
   config: Qwen2_5_VLConfig
   dtype: jnp.dtype = jnp.float32
@@ -106,18 +108,24 @@ class VisionTransformer(nn.Module):
     v = self.config.vision
     if pixel_values.shape[-1] != v.patch_dim:
       raise ValueError(f"pixel_values last dim {pixel_values.shape[-1]} != C*T*p*p = {v.patch_dim}")
-    if pixel_values.shape[0] % (v.spatial_merge_size**2):
-      raise ValueError(f"patch count {pixel_values.shape[0]} is not a multiple of {v.spatial_merge_size**2}")
+    if pos_h.ndim == 1:  # flat metadata: one slot
+      pos_h, pos_w, window_seg, full_seg = (a[None] for a in (pos_h, pos_w, window_seg, full_seg))
+    s, q_len = pos_h.shape
+    if q_len % (v.spatial_merge_size**2):
+      raise ValueError(f"slot size {q_len} is not a multiple of {v.spatial_merge_size**2}")
+    if pixel_values.shape[0] != s * q_len:
+      raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, the metadata describes {s}x{q_len}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    pixel_values = pixel_values.reshape(s, q_len, -1)
     # Conv3d with stride == kernel over pre-flattened patches is a matmul (C, T, ph, pw order).
     x = PatchEmbed(v.hidden_size, name="patch_embed", **kw)(pixel_values)
-    cos, sin = vision_cos_sin(pos_h, pos_w, v.head_dim, v.rope_theta)
-    win_mask = window_seg[:, None] == window_seg[None, :]
-    full_mask = full_seg[:, None] == full_seg[None, :]
+    cos, sin = vision_cos_sin(pos_h, pos_w, v.head_dim, v.rope_theta)  # [S, Q, head_dim]
+    win_mask = window_seg[:, :, None] == window_seg[:, None, :]  # [S, Q, Q]
+    full_mask = full_seg[:, :, None] == full_seg[:, None, :]
     block = VisionBlock
     if self.config.remat != "none":
       block = nn.remat(VisionBlock, policy=remat_policy(self.config.remat))
     for i in range(v.depth):
       mask = full_mask if i in v.fullatt_block_indexes else win_mask
       x = block(self.config, name=f"blocks_{i}", **kw)(x, cos, sin, mask)
-    return PatchMerger(self.config, name="merger", **kw)(x)
+    return PatchMerger(self.config, name="merger", **kw)(x.reshape(s * q_len, -1))

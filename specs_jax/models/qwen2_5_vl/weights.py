@@ -104,7 +104,8 @@ def abstract_params(model: Qwen2_5_VL) -> dict:
 
   def init(rng):
     ids = jnp.full((1, 1), cfg.image_token_id, jnp.int32)
-    meta = {k: jnp.zeros((n_patch,), jnp.int32) for k in ("pos_h", "pos_w", "window_seg", "full_seg")}
+    meta = {k: jnp.zeros((1, n_patch), jnp.int32) for k in ("pos_h", "pos_w", "window_seg", "full_seg")}
+    meta["token_index"] = jnp.zeros((1,), jnp.int32)
     pv = jnp.zeros((n_patch, v.patch_dim), jnp.float32)
     return model.init(rng, ids, jnp.ones((1, 1), jnp.int32), pixel_values=pv,
                       position_ids=jnp.zeros((3, 1, 1), jnp.int32), vision=meta)["params"]
@@ -119,7 +120,8 @@ def init_params(model: Qwen2_5_VL, rng) -> dict:
   v = cfg.vision
   n_patch = v.spatial_merge_size**2
   ids = jnp.full((1, 1), cfg.image_token_id, jnp.int32)
-  meta = {k: jnp.zeros((n_patch,), jnp.int32) for k in ("pos_h", "pos_w", "window_seg", "full_seg")}
+  meta = {k: jnp.zeros((1, n_patch), jnp.int32) for k in ("pos_h", "pos_w", "window_seg", "full_seg")}
+  meta["token_index"] = jnp.zeros((1,), jnp.int32)
   params = jax.jit(lambda r: model.init(r, ids, jnp.ones((1, 1), jnp.int32),
                                         pixel_values=jnp.zeros((n_patch, v.patch_dim)),
                                         position_ids=jnp.zeros((3, 1, 1), jnp.int32), vision=meta)["params"])(rng)
