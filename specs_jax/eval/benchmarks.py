@@ -270,7 +270,9 @@ def score_responses(examples: Sequence[Example], responses: Sequence[Sequence[st
   Args:
     examples: P examples (gold, meta["precision"], meta["question"]).
     responses: [P][n] response texts.
-    format_spec: the output format the prompt asked for (`data.formats`).
+    format_spec: the output format the prompt asked for (`data.formats`), for examples whose
+      meta["format"] does not name their own (synthetic OOD-format examples do; for them the answer
+      is extracted with that format's rule, e.g. the "Answer:" line or the JSON field).
     grade_config: tolerances and guards (default `GradeConfig()`).
     use_precision: round floats to the example's meta["precision"] decimals when it has one.
     judge: optional `rewards.make_judge(...)` fallback.
@@ -293,9 +295,12 @@ def score_responses(examples: Sequence[Example], responses: Sequence[Sequence[st
       kinds.append(None)
       error = str(e)
       log.error("eval: %s: %s", ex.id, e)
-    out.append({"extracted": [rewards.extract_answer(t) for t in texts],
+    spec = ex.meta.get("format") or format_spec
+    own = not formats_lib.is_default_format(spec)
+    out.append({"extracted": [formats_lib.extract_answer_for_format(t, spec) if own else rewards.extract_answer(t)
+                              for t in texts],
                 "correct": [False] * len(texts),
-                "format_ok": [bool(formats_lib.format_follows(t, format_spec)) for t in texts],
+                "format_ok": [bool(formats_lib.format_follows(t, spec)) for t in texts],
                 "judged": [False] * len(texts), "error": error})
   _rule_grade(examples, responses, configs, kinds, out, pool)
   if judge is not None:

@@ -1,0 +1,89 @@
+"""The whole pipeline on configs/test.py, as a user runs it (`python -m specs_jax.main`), plus the
+stage-graph rules: skip finished stages, refuse a workdir of another config, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def _main(workdir, *extra, timeout=900):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one device, as `make demo` runs
+  cmd = [sys.executable, "-m", "specs_jax.main", "--config=configs/test.py", f"--workdir={workdir}",
+         "--config.run.progress=False", *extra]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("pipeline")
+  out = _main(wd)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return wd, out
+
+
+def test_every_stage_runs_and_writes_the_documented_outputs(finished_run):
+  wd, _ = finished_run
+  summary = json.loads((wd / "summary.json").read_text())
+  stages = ["base", "zero_rl", "distill", "coldstart", "final_rl", "sft_coldstart", "sft_final", "eval"]
+  assert [s for s in stages if summary["stages"][s]["status"] == "done"] == stages
+  assert set(summary["eval"]) == {"base", "zero", "coldstart", "final", "sft_coldstart", "sft_final"}
+  for ckpt in summary["eval"].values():
+    assert set(ckpt) == {"id", "ood_format", "ood_task"}
+    for split in ckpt.values():
+      assert 0.0 <= split["accuracy"] <= 1.0 and 0.0 <= split["format_rate"] <= 1.0 and split["n"] == 8
+  assert set(summary["gf"]) == {"dpo_sft", "sft"}
+  for rows in summary["gf"].values():
+    assert rows[0][0] == 0 and all(len(r) == 4 for r in rows)
+  for stage in ("base", "zero_rl", "coldstart", "final_rl", "sft_coldstart", "sft_final"):
+    assert (wd / stage / "hf" / "model.safetensors").exists(), stage
+    assert (wd / stage / "hf" / "tokenizer.json").exists(), stage
+    assert (wd / stage / "metrics.jsonl").read_text().strip(), stage
+  assert (wd / "distill" / "pairs.jsonl").exists() and (wd / "distill" / "stats.json").exists()
+  assert (wd / "report.md").read_text().startswith("# SPECS run report")
+  assert (wd / "plots" / "grpo_curves.png").exists()
+  assert json.loads((wd / "config.json").read_text())["seed"] == 0
+
+
+def test_export_loads_in_transformers(finished_run):
+  import torch
+  from transformers import Qwen2_5_VLForConditionalGeneration
+
+  wd, _ = finished_run
+  m = Qwen2_5_VLForConditionalGeneration.from_pretrained(wd / "final_rl" / "hf", dtype=torch.float32)
+  assert m.config.text_config.hidden_size == 48
+
+
+def test_rerun_skips_finished_stages(finished_run):
+  wd, _ = finished_run
+  before = (wd / "base" / "DONE").read_text()
+  out = _main(wd, "--stages=base,eval", timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "stage base: done" in out.stderr and "skipped" in out.stderr
+  assert (wd / "base" / "DONE").read_text() == before
+
+
+def test_refuses_a_workdir_of_another_config(finished_run):
+  wd, _ = finished_run
+  out = _main(wd, "--config.coldstart.beta=0.5", "--stages=eval", timeout=300)
+  assert out.returncode != 0 and "different config" in out.stderr
+
+
+def test_config_typo_and_unknown_stage_are_errors(tmp_path):
+  out = _main(tmp_path / "a", "--config.coldstart.betta=0.5", timeout=120)
+  assert out.returncode != 0 and "betta" in out.stderr
+  out = _main(tmp_path / "b", "--stages=coldstart,warmup", timeout=120)
+  assert out.returncode != 0 and "unknown stage" in out.stderr
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+  out = _main(tmp_path / "c", "--stages=coldstart", timeout=300)
+  assert out.returncode != 0
+  assert "stage coldstart needs" in out.stderr and "does not exist" in out.stderr
+  summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+  assert summary["stages"]["coldstart"]["status"] == "failed"
