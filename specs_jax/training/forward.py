@@ -1,0 +1,153 @@
+"""The model forward of the train steps: row layout, micro-batches, image features, completion log-probs.
+
+Axes: B units (pairs for DPO, examples for SFT), K copies per unit (2: chosen, rejected; 1 for SFT),
+R = B·K rows, L = P + C tokens, M micro-batches, D hidden.
+
+A batch's rows arrive in G = `row_groups` blocks of (K × b) rows (G = 1: all chosen rows, then all
+rejected rows). `prepare_rows` reorders them unit-major ([c_0, r_0, c_1, r_1, ...]) and splits the
+units into M strided micro-batches (micro-batch m holds units m, m+M, ...), so that rows sharded
+over the batch axes feed every micro-batch from every device.
+
+Images are stored once per unit (a pair's chosen and rejected rows share the prompt). The encoder
+runs once on them; `image_sources` tells every <|image_pad|> token of every row which encoded
+feature it takes, and `gather_image_embeds` lays the features out in the order the model's `embed`
+consumes them for a micro-batch's rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from specs_jax.models.qwen2_5_vl.model import Qwen2_5_VL, lm_head_kernel
+from specs_jax.parallel import mesh as mesh_lib
+from specs_jax.training.logprobs import token_logprobs_from_hidden
+
+__all__ = ["Forward", "PAIR_KEYS", "ROW_KEYS", "VISION_META_KEYS", "constrain", "gather_image_embeds",
+           "image_sources", "micro_split", "prepare_rows", "select_batch", "to_units"]
+
+PyTree = Any
+VISION_META_KEYS = ("pos_h", "pos_w", "window_seg", "full_seg", "token_index")
+ROW_KEYS = ("input_ids", "attention_mask", "completion_mask")
+PAIR_KEYS = ("ref_chosen_logps", "ref_rejected_logps", "pair_weight")
+
+
+# ---------------------------------------------------------------------------------- row layout
+
+def to_units(x: jax.Array, copies: int, row_groups: int) -> jax.Array:
+  """Rows [G·copies·b, ...] in G blocks of (copies × b) → units [G·b, copies, ...] (unit-major)."""
+  n = x.shape[0]
+  b = n // (row_groups * copies)
+  x = x.reshape(row_groups, copies, b, *x.shape[1:])
+  return jnp.swapaxes(x, 1, 2).reshape(row_groups * b, copies, *x.shape[3:])
+
+
+def micro_split(x: jax.Array, m: int) -> jax.Array:
+  """[B, ...] → [M, B/M, ...], micro-batch j holding items j, j+M, j+2M, ... (strided)."""
+  b = x.shape[0]
+  return jnp.swapaxes(x.reshape(b // m, m, *x.shape[1:]), 0, 1)
+
+
+def image_sources(ids_units: jax.Array, image_token_id: int) -> jax.Array:
+  """For each token of units [B, copies, L]: the row of the image features it takes (0 elsewhere).
+
+  Features are stored per unit (pair / example) in unit order; every copy of a unit (chosen and
+  rejected row) holds the same image tokens, so copy c's j-th image token takes feature
+  offset[unit] + j, offset = exclusive cumsum of the units' image-token counts.
+  """
+  is_img = ids_units == image_token_id                                      # [B, K, L]
+  per_unit = jnp.sum(is_img[:, 0], axis=-1)                                 # [B]
+  offset = jnp.cumsum(per_unit) - per_unit
+  src = offset[:, None, None] + jnp.cumsum(is_img, axis=-1) - 1
+  return jnp.where(is_img, src, 0).astype(jnp.int32)
+
+
+def gather_image_embeds(feats: jax.Array, ids: jax.Array, src: jax.Array, image_token_id: int,
+                        max_tokens: int) -> jax.Array:
+  """Image features in the order the model's `embed` consumes them: the k-th <|image_pad|> of the
+  rows [R, L] (row-major) gets feats[src at that token]. Returns [K, D], K = min(R·L, max_tokens)."""
+  flat = ids.reshape(-1) == image_token_id
+  k = min(flat.shape[0], max_tokens)
+  (positions,) = jnp.nonzero(flat, size=k, fill_value=0)
+  return jnp.take(feats, src.reshape(-1)[positions], axis=0)
+
+
+def prepare_rows(batch: Mapping[str, jax.Array], copies: int, row_groups: int, micro_batches: int,
+                 image_token_id: int) -> dict[str, jax.Array]:
+  """Row arrays → [M, R/M, ...] micro-batches in pair-major order (+ "image_src"); position_ids
+  become [M, 3, R/M, L]; per-unit arrays (PAIR_KEYS) [M, B/M]."""
+  out: dict[str, jax.Array] = {}
+  units = {k: to_units(batch[k], copies, row_groups) for k in ROW_KEYS}
+  units["position_ids"] = to_units(jnp.moveaxis(batch["position_ids"], 1, 0), copies, row_groups)
+  if "pixel_values" in batch:
+    units["image_src"] = image_sources(units["input_ids"], image_token_id)
+  for k, x in units.items():
+    x = micro_split(x, micro_batches)                                        # [M, B/M, K, ...]
+    out[k] = x.reshape(micro_batches, -1, *x.shape[3:])                      # [M, R/M, ...]
+  out["position_ids"] = jnp.moveaxis(out["position_ids"], 2, 1)              # [M, 3, R/M, L]
+  for k in PAIR_KEYS:
+    if k in batch:
+      out[k] = micro_split(batch[k].reshape(-1), micro_batches)
+  return out
+
+
+def constrain(mbs: dict[str, jax.Array], mesh: Mesh | None) -> dict[str, jax.Array]:
+  """Keeps micro-batch rows split over the batch axes after the reordering (a hint to GSPMD)."""
+  if mesh is None:
+    return mbs
+
+  def one(k, x):
+    dim = 2 if k == "position_ids" else 1
+    spec = mesh_lib.batch_partition_spec(x.shape, mesh, dim)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return {k: one(k, x) for k, x in mbs.items()}
+
+
+# ------------------------------------------------------------------------------ the forward pass
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """Runs the text decoder on a micro-batch and returns completion token log-probs."""
+
+  model: Qwen2_5_VL
+  chunk_size: int
+
+  def encode_images(self, visual_params: PyTree, batch: Mapping[str, Any]) -> jax.Array:
+    vision = {k: batch["vision"][k] for k in VISION_META_KEYS}
+    return self.model.apply({"params": {"visual": visual_params}}, batch["pixel_values"], vision,
+                            method="encode_images")
+
+  def token_logps(self, params: PyTree, mb: Mapping[str, jax.Array], feats: jax.Array | None,
+                  prompt_len: int, copies: int) -> tuple[jax.Array, jax.Array]:
+    """→ (token log-probs [R, T], completion mask [R, T]) over T = L - max(P-1, 0) - 1 columns."""
+    cfg = self.model.config
+    ids = mb["input_ids"]
+    embeds = None
+    if feats is not None:
+      embeds = gather_image_embeds(feats, ids, mb["image_src"], cfg.image_token_id, copies * feats.shape[0])
+    hidden = self.model.apply({"params": params}, ids, mb["attention_mask"], position_ids=mb["position_ids"],
+                              image_embeds=embeds, method="hidden_states")           # [R, L, D]
+    start = max(prompt_len - 1, 0)
+    targets = ids[:, start + 1:]
+    logps = token_logprobs_from_hidden(hidden[:, start:-1], lm_head_kernel(params, cfg), targets,
+                                       chunk_size=self.chunk_size)
+    return logps, mb["completion_mask"][:, start + 1:]
+
+
+def select_batch(batch: Mapping[str, Any], keys: Sequence[str]) -> tuple[dict[str, Any], int]:
+  """The arrays a step uses (a fixed key set, so extra keys never cause recompiles) + prompt_len."""
+  missing = [k for k in (*ROW_KEYS, "position_ids") if k not in batch]
+  if missing:
+    raise ValueError(f"batch lacks {missing} (build it with training.batches)")
+  out = {k: batch[k] for k in (*ROW_KEYS, "position_ids", *keys) if k in batch}
+  if "pixel_values" in batch:
+    if "vision" not in batch:
+      raise ValueError("batch has pixel_values but no vision metadata")
+    out["pixel_values"] = batch["pixel_values"]
+    out["vision"] = {k: batch["vision"][k] for k in VISION_META_KEYS}
+  return out, int(batch.get("prompt_len", 0))
