@@ -125,3 +125,22 @@ def test_large_margins_stay_finite():
                              jnp.zeros(2), jnp.ones(2), beta=0.1, sft_weight=0.0)
   # pair 1: -log σ(1000) ≈ 0; pair 2: -log σ(-1000) = 1000 -> mean 500
   np.testing.assert_allclose(loss, 500.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_values_and_finite_difference_gradient(beta, lam):
+  """Loss by hand for λ ∈ {0, .5, 1}, β ∈ {.1, .5}; the gradient equals central differences."""
+  pc, pr = np.array([-10.0, -20.0]), np.array([-12.0, -19.0])
+  rc, rr = np.array([-11.0, -19.5]), np.array([-11.5, -19.2])
+  n = np.array([5.0, 8.0])
+  # by hand: margin_i = β((pc−rc) − (pr−rr)); loss = mean_i[−log σ(margin_i) + λ·(−pc_i/n_i)]
+  margin = beta * ((pc - rc) - (pr - rr))
+  want = np.mean(np.log1p(np.exp(-margin)) + lam * (-pc / n))
+  f = lambda x: dpo.dpo_sft_loss(x, jnp.asarray(pr), jnp.asarray(rc), jnp.asarray(rr), jnp.asarray(n),
+                                 beta=beta, sft_weight=lam)[0]
+  np.testing.assert_allclose(f(jnp.asarray(pc)), want, rtol=1e-6)
+  g = np.asarray(jax.grad(f)(jnp.asarray(pc)))
+  h = 0.05  # float32: a smaller step is dominated by rounding (~1e-6·|loss|/h)
+  fd = [(float(f(jnp.asarray(pc + h * e))) - float(f(jnp.asarray(pc - h * e)))) / (2 * h) for e in np.eye(2)]
+  np.testing.assert_allclose(g, fd, rtol=1e-3, atol=2e-4)

@@ -175,12 +175,14 @@ def test_host_local_to_global_two_processes(tmp_path):
 
 # --------------------------------------------------------------------------- sharded vs unsharded
 
-def test_sharded_dpo_equals_unsharded(tiny, ref_pairs, dpo_step, pad_id):
-  """Must-show 4: three DPO steps on a data=2 × fsdp=4 mesh (params and Adam moments sharded by the
-  rules, batch rows over data×fsdp) match the unsharded run; the sharded step compiles once and
-  keeps the requested shardings."""
+@pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 4}, {"fsdp": 8}, {"fsdp": 4, "tensor": 2}],
+                         ids=["data2_fsdp4", "fsdp8", "fsdp4_tensor2"])
+def test_sharded_dpo_equals_unsharded(axes, tiny, ref_pairs, dpo_step, pad_id):
+  """Must-show 4: three DPO steps on an 8-device mesh (params and Adam moments sharded by the
+  rules, batch rows over data×fsdp, heads/MLP over tensor) match the unsharded run; the sharded
+  step compiles once and keeps the requested shardings."""
   model, params = tiny
-  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4})
+  mesh = mesh_lib.make_mesh(axes)
   batches_ = [collate(ref_pairs, idx, model, pad_id) for idx in ([0, 2, 3], [1, 4, 5], [0, 2, 3])]
 
   state = fresh_state(params)
@@ -198,8 +200,11 @@ def test_sharded_dpo_equals_unsharded(tiny, ref_pairs, dpo_step, pad_id):
       np.testing.assert_allclose(m[k], want[k], rtol=2e-5, atol=1e-6, err_msg=k)
   assert steps.compile_counts()["dpo_step"] - before == 1
 
-  q = sstate.params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-  assert q.sharding.spec == P("fsdp") and q.addressable_shards[0].data.shape == (16, 64)
+  q = sstate.params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]  # [64, 64]
+  want = {"data2_fsdp4": (P("fsdp"), (16, 64)), "fsdp8": (P("fsdp"), (8, 64)),
+          "fsdp4_tensor2": (P("fsdp", "tensor"), (16, 32))}[
+              "fsdp4_tensor2" if axes.get("tensor") else ("fsdp8" if axes.get("fsdp") == 8 else "data2_fsdp4")]
+  assert q.sharding.spec == want[0] and q.addressable_shards[0].data.shape == want[1]
   # Float tolerance: gradients agree to ~1e-6 relative (l2_grads above), but Adam divides each
   # gradient by its own RMS, which amplifies rounding for the few elements whose gradient is ~0,
   # so a handful of elements may differ by up to a few % of one update (lr = 2e-3).
