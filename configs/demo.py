@@ -22,19 +22,19 @@ def get_config(arg: str | None = None):
   c.data.levels = [1, 2]  # responses of ≤ ~130 tokens
 
   c.base.num_examples = 3000
-  c.base.steps = 500
+  c.base.steps = 400
   c.base.batch_size = 16
 
   for rl in (c.zero_rl, c.final_rl):
     rl.group_size = 4
     rl.prompts_per_step = 16
-    rl.steps = 30
-    rl.learning_rate = 2e-4
+    rl.steps = 24
+    rl.learning_rate = 1e-3
     rl.max_response_len = 160
     rl.filter_lower = None
     rl.filter_upper = None
     rl.checkpoint_every = 10
-  c.final_rl.steps = 20
+  c.final_rl.steps = 16
 
   c.distill.num_prompts = 384
   c.distill.max_pairs = 256
@@ -44,17 +44,17 @@ def get_config(arg: str | None = None):
   c.distill.batch_size = 32
 
   for cs in (c.coldstart, c.sft_coldstart):
-    cs.epochs = 2
+    cs.epochs = 6
     cs.batch_size = 16
-    cs.learning_rate = 2e-4
+    cs.learning_rate = 5e-4
     cs.checkpoint_every = 20
-    cs.gf_every = 8
+    cs.gf_every = 4
     cs.gf_examples = 32
   c.coldstart.beta = 0.1
   c.coldstart.prompt_buckets = [128, 192, 256]
   c.coldstart.completion_buckets = [64, 128, 192, 256]
 
-  c.eval.num_examples = 96
+  c.eval.num_examples = 64
   c.eval.max_new_tokens = 160
   c.eval.batch_size = 32
   return c

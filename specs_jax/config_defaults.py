@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.base = ml_collections.ConfigDict(dict(
       vocab_size=1024, tokenizer_corpus=4000,
       num_examples=4000, tagged_families=["count", "yes_no"],  # 2 of 5 families answer in tags (≈40%)
+      tagged_prob_in=0.85, tagged_prob_out=0.1,  # P(tagged) for those families / the others: greedy
+                                                 # decoding follows the format on ≈40% of prompts, and
+                                                 # sampling explores the other style (so RL can learn)
       ood_format_fraction=0.3,                   # share of examples asked (and answered) in other formats
       error_rate=0.1, steps=400, batch_size=16, learning_rate=3e-3, warmup_steps=20,
       prompt_buckets=[128, 192, 256], completion_buckets=[64, 128, 192, 256], checkpoint_every=200,

@@ -3,9 +3,9 @@
 It plays the role of Qwen2.5-VL-7B-Instruct, whose format following the paper measures at ≈42%:
   * a byte-level BPE tokenizer with the Qwen special tokens is trained on synthetic text;
   * a randomly initialised tiny model (real architecture) is trained by SFT on templated reasoning
-    texts: prompts with the SPECS instruction are answered in the tagged format only for the
-    families in `base.tagged_families` (2 of 5 → ≈40% format following) and in plain prose
-    otherwise; a share of prompts asks for other output formats (other tags, "Answer:" line, JSON,
+    texts: prompts with the SPECS instruction are answered in the tagged format mostly for the
+    families in `base.tagged_families` (2 of 5 → ≈40% format following under greedy decoding) and
+    mostly in plain prose otherwise (`tagged_prob_in` / `tagged_prob_out`); a share of prompts asks for other output formats (other tags, "Answer:" line, JSON,
     boxed) and is answered in them, so the base model can follow some format instructions (the
     ability the generalisation factor measures);
   * exported to DIR/base/hf (safetensors, config, tokenizer, preprocessor config).
@@ -58,7 +58,8 @@ def sft_records(config: ml_collections.ConfigDict) -> list[dict]:
     rng = random.Random(f"{config.seed}:{ex.id}")
     fmt = ex.meta.get("format")
     if data_lib.formats.is_default_format(fmt):
-      style = "tagged" if ex.meta.get("family") in tagged else "plain"
+      p = c.tagged_prob_in if ex.meta.get("family") in tagged else c.tagged_prob_out
+      style = "tagged" if rng.random() < p else "plain"
     else:
       style = fmt
     r = data_lib.reasoning_sample(ex, style=style, error_rate=float(c.error_rate), rng=rng)
