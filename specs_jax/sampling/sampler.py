@@ -260,8 +260,8 @@ def generate(model: Qwen2_5_VL, params, input_ids, attention_mask, pixel_values=
 def decode_responses(tokenizer, out: SampleOutput, stop_strings: Sequence[str] = (),
                      skip_special_tokens: bool = True) -> list[str]:
   """Response texts cut at EOS (exclusive) and at the first stop string (inclusive of the stop
-  string, as vLLM's `include_stop_str_in_output=True`). Updates out.lengths / out.finished for
-  sequences cut by a stop string (token lengths re-measured by re-encoding the kept text)."""
+  string, as vLLM's `include_stop_str_in_output=True`). Sets out.finished for sequences cut by a
+  stop string; out.tokens / out.lengths keep what was sampled (the cut is on the text)."""
   texts = []
   for i in range(out.tokens.shape[0]):
     n_tok = int(out.lengths[i])
