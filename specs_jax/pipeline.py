@@ -160,6 +160,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Sequence[str] |
     summary["stages"][name] = {"status": "done", "seconds": info["seconds"], "steps": info["steps"]}
     write_summary(wd, summary)
     log.info("stage %s: done in %.1f s", name, info["seconds"])
+  if "eval" in summary["stages"] and summary["stages"]["eval"]["status"] == "done":
+    from specs_jax.eval import report
+
+    report.render_report(summary, wd.root)  # again, now that every stage's status is final
   return summary
 
 

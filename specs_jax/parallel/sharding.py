@@ -69,7 +69,7 @@ LOGICAL_TO_MESH: Mapping[str, str | None] = {
 }
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):
@@ -131,7 +131,7 @@ def param_partition_specs(params_or_shapes: Any, mesh: Mesh, rules: Rules = PARA
     logical_to_mesh: logical axis → mesh axis name or None.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: _spec_for(_path_str(path), x.shape, mesh, rules, logical_to_mesh), params_or_shapes)
+      lambda path, x: _spec_for(path_str(path), x.shape, mesh, rules, logical_to_mesh), params_or_shapes)
 
 
 def param_shardings(params_or_shapes: Any, mesh: Mesh, rules: Rules = PARAM_RULES,

@@ -60,7 +60,7 @@ from specs_jax.training import grpo
 from specs_jax.training.logprobs import token_logprobs_from_hidden
 from specs_jax.training.rollout import RolloutBatch
 from specs_jax.training.state import OptimizerConfig, TrainState, accumulate_gradients, make_schedule
-from specs_jax.training.steps import effective_frozen_prefixes
+from specs_jax.training.steps import effective_frozen_prefixes, merge_params, partition_params
 
 __all__ = [
     "GRPOConfig",
@@ -312,22 +312,6 @@ def make_old_logps_fn(model: Qwen2_5_VL, temperature: float = 1.0, chunk_size: i
 
 # -------------------------------------------------------------------------------- the update
 
-def _partition(params: PyTree, frozen_prefixes: tuple[str, ...]) -> tuple[Flat, Flat]:
-  """(trainable, frozen) flat dicts {path tuple: leaf}."""
-  def frozen(path: tuple[str, ...]) -> bool:
-    p = "/".join(path)
-    return any(p == f or p.startswith(f.rstrip("/") + "/") for f in frozen_prefixes)
-  flat = traverse_util.flatten_dict(params)
-  return ({k: v for k, v in flat.items() if not frozen(k)}, {k: v for k, v in flat.items() if frozen(k)})
-
-
-def _merge(*flats: Flat) -> PyTree:
-  out: Flat = {}
-  for f in flats:
-    out.update(f)
-  return traverse_util.unflatten_dict(out)
-
-
 def _micro_split(rows: Mapping[str, jax.Array], m: int, mesh: Mesh | None) -> dict[str, jax.Array]:
   """[R, ...] → [M, R/M, ...] (micro-batch j holds rows j, j+M, ...: a strided split, so rows sharded
   over the batch axes feed every micro-batch); position_ids [3, R, L] → [M, 3, R/M, L]."""
@@ -385,7 +369,7 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
     log.info("compiling GRPO update: input_ids %s, completion %s, vision %s, micro_batches %d",
              rows["input_ids"].shape, rows["loss_mask"].shape, sorted(vision_inputs), cfg.micro_batches)
     micro = _micro_split(rows, cfg.micro_batches, mesh)
-    trainable, frozen = _partition(state.params, frozen_prefixes)
+    trainable, frozen = partition_params(state.params, frozen_prefixes)
     vis_train = {k: v for k, v in trainable.items() if k[0] == "visual"}
     text_train = {k: v for k, v in trainable.items() if k[0] != "visual"}
     feats_const = feats_arg = vjp_fn = None
@@ -397,13 +381,13 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
       vis_frozen = {k[1:]: v for k, v in frozen.items() if k[0] == "visual"}
       if vis_train:
         feats_arg, vjp_fn = jax.vjp(
-            lambda vt: encode(_merge({k[1:]: v for k, v in vt.items()}, vis_frozen), vision_inputs), vis_train)
+            lambda vt: encode(merge_params({k[1:]: v for k, v in vt.items()}, vis_frozen), vision_inputs), vis_train)
       else:
-        feats_const = jax.lax.stop_gradient(encode(_merge(vis_frozen), vision_inputs))
+        feats_const = jax.lax.stop_gradient(encode(merge_params(vis_frozen), vision_inputs))
 
     def loss_terms(diff, mb):
       text_params, feats = diff
-      params = _merge(text_params, vis_train, frozen)
+      params = merge_params(text_params, vis_train, frozen)
       logps, entropy = completion_logps(model, params, mb, feats if feats is not None else feats_const,
                                         temperature=cfg.temperature, chunk_size=cfg.chunk_size,
                                         compute_entropy=True)
@@ -421,7 +405,7 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
     _, (g_text, g_feats), sums = accumulate_gradients(loss_terms, (text_train, feats_arg), micro)
     g_vis = vjp_fn(g_feats)[0] if vjp_fn is not None else {}
     g_trainable = {**g_text, **g_vis}
-    grads = _merge(g_trainable, jax.tree.map(jnp.zeros_like, frozen))
+    grads = merge_params(g_trainable, jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: sums[k] for k in _SUM_KEYS} | {

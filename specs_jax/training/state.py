@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from specs_jax.parallel.sharding import path_str as sharding_path_str
+
 __all__ = [
     "OptimizerConfig",
     "TrainState",
@@ -124,15 +126,7 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 def param_path(path: Sequence[Any]) -> str:
   """A tree_util key path as "a/b/c"."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  return sharding_path_str(path)
 
 
 def decay_mask(params: PyTree) -> PyTree:

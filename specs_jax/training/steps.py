@@ -191,14 +191,15 @@ def _is_under(path: str, prefix: str) -> bool:
   return path == prefix or path.startswith(prefix + "/")
 
 
-def _partition(params: PyTree, frozen_prefixes: Sequence[str]) -> tuple[Flat, Flat]:
+def partition_params(params: PyTree, frozen_prefixes: Sequence[str]) -> tuple[Flat, Flat]:
   """(trainable, frozen) flat dicts {path tuple: leaf}."""
   flat = traverse_util.flatten_dict(params)
   frozen = {k: v for k, v in flat.items() if any(_is_under("/".join(k), p) for p in frozen_prefixes)}
   return {k: v for k, v in flat.items() if k not in frozen}, frozen
 
 
-def _merge(*flats: Flat) -> PyTree:
+def merge_params(*flats: Flat) -> PyTree:
+  """Inverse of `partition_params`: flat dicts back into one params tree."""
   out: Flat = {}
   for f in flats:
     out.update(f)
@@ -221,7 +222,7 @@ def _loss_and_grads(fwd: forward.Forward, params: PyTree, batch: Mapping[str, An
   """Loss, full-tree grads (zeros on frozen params) and summed metrics; see the module docstring."""
   rows = forward.prepare_rows(batch, copies, row_groups, micro_batches, fwd.model.config.image_token_id)
   mbs = forward.constrain(rows, mesh)
-  trainable, frozen = _partition(params, frozen_prefixes)
+  trainable, frozen = partition_params(params, frozen_prefixes)
   vis_train = {k: v for k, v in trainable.items() if k[0] == "visual"}
   text_train = {k: v for k, v in trainable.items() if k[0] != "visual"}
   vis_all = {k[1:]: v for k, v in {**trainable, **frozen}.items() if k[0] == "visual"}
@@ -230,14 +231,14 @@ def _loss_and_grads(fwd: forward.Forward, params: PyTree, batch: Mapping[str, An
   if "pixel_values" in batch:
     if vis_train:
       vis_frozen = {k[1:]: v for k, v in frozen.items() if k[0] == "visual"}
-      encode = lambda vt: fwd.encode_images(_merge({k[1:]: v for k, v in vt.items()}, vis_frozen), batch)
+      encode = lambda vt: fwd.encode_images(merge_params({k[1:]: v for k, v in vt.items()}, vis_frozen), batch)
       feats_arg, vjp_fn = jax.vjp(encode, vis_train)
     else:
       feats_const = jax.lax.stop_gradient(fwd.encode_images(traverse_util.unflatten_dict(vis_all), batch))
 
   def loss_terms(diff, mb):
     text_params, feats = diff
-    params_mb = _merge(text_params, vis_train, frozen)
+    params_mb = merge_params(text_params, vis_train, frozen)
     logps, mask = fwd.token_logps(params_mb, mb, feats if feats is not None else feats_const, prompt_len, copies)
     loss_sum, denom, metrics = terms_fn(logps, mask, mb)
     return loss_sum, denom, metrics | _row_counts(mb)
@@ -245,7 +246,7 @@ def _loss_and_grads(fwd: forward.Forward, params: PyTree, batch: Mapping[str, An
   loss, (g_text, g_feats), metrics = accumulate_gradients(loss_terms, (text_train, feats_arg), mbs)
   g_vis = vjp_fn(g_feats)[0] if vjp_fn is not None else jax.tree.map(jnp.zeros_like, vis_train)
   grads_trainable = {**g_text, **g_vis}
-  grads = _merge(grads_trainable, jax.tree.map(jnp.zeros_like, frozen))
+  grads = merge_params(grads_trainable, jax.tree.map(jnp.zeros_like, frozen))
   metrics = metrics | {"l2_grads": optax.tree.norm(grads_trainable)}
   return loss, grads, metrics
 
