@@ -35,8 +35,9 @@ def get_config(arg: str | None = None):
     rl.filter_upper = None
     rl.checkpoint_every = 10
   c.final_rl.steps = 16
+  c.final_rl.learning_rate = 3e-4  # 1e-3 made the GRPO-from-cold-start runs drift (format 0.38 → 0.27)
 
-  c.distill.num_prompts = 384
+  c.distill.num_prompts = 512
   c.distill.max_pairs = 256
   c.distill.k_chosen = 2
   c.distill.k_rejected = 2
@@ -44,11 +45,11 @@ def get_config(arg: str | None = None):
   c.distill.batch_size = 32
 
   for cs in (c.coldstart, c.sft_coldstart):
-    cs.epochs = 6
+    cs.epochs = 30  # ~25 pairs survive the filters: 30 epochs of 1-2 steps
     cs.batch_size = 16
-    cs.learning_rate = 5e-4
+    cs.learning_rate = 1e-3
     cs.checkpoint_every = 20
-    cs.gf_every = 4
+    cs.gf_every = 10
     cs.gf_examples = 32
   c.coldstart.beta = 0.1
   c.coldstart.prompt_buckets = [128, 192, 256]
