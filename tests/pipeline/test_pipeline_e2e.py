@@ -87,3 +87,36 @@ def test_missing_input_is_a_clear_error(tmp_path):
   assert "stage coldstart needs" in out.stderr and "does not exist" in out.stderr
   summary = json.loads((tmp_path / "c" / "summary.json").read_text())
   assert summary["stages"]["coldstart"]["status"] == "failed"
+
+
+def test_sigterm_mid_stage_then_resume_equals_uninterrupted(finished_run, tmp_path):
+  """SIGTERM in the middle of the base stage (the train loop saves and exits cleanly), re-run:
+  the stage resumes from its checkpoint and ends with the same weights, byte for byte, as the
+  uninterrupted run of the same config."""
+  import signal
+  import time
+
+  wd_ref, _ = finished_run
+  wd = tmp_path / "interrupted"
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, "-m", "specs_jax.main", "--config=configs/test.py", f"--workdir={wd}",
+         "--config.run.progress=False", "--stages=base"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = wd / "base" / "metrics.jsonl"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 60:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.2)
+  proc.wait(timeout=300)
+  assert proc.returncode == 0, proc.stderr.read()[-3000:]
+  steps_before = len(metrics.read_text().splitlines())
+  assert 60 <= steps_before < 150 and not (wd / "base" / "DONE").exists()
+  out = _main(wd, "--stages=base", timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed at step" in out.stderr
+  a = (wd / "base" / "hf" / "model.safetensors").read_bytes()
+  b = (wd_ref / "base" / "hf" / "model.safetensors").read_bytes()
+  assert a == b
