@@ -120,3 +120,41 @@ def test_sigterm_mid_stage_then_resume_equals_uninterrupted(finished_run, tmp_pa
   a = (wd / "base" / "hf" / "model.safetensors").read_bytes()
   b = (wd_ref / "base" / "hf" / "model.safetensors").read_bytes()
   assert a == b
+
+
+def test_grpo_stage_sigterm_and_resume_equals_uninterrupted(finished_run, tmp_path):
+  """The same for a GRPO stage (zero_rl, 6 steps): prompts and sampling keys are functions of the
+  step, so the resumed run samples and updates exactly as the uninterrupted one."""
+  import shutil
+  import signal
+  import time
+
+  wd_ref, _ = finished_run
+  extra = ["--stages=zero_rl", "--config.zero_rl.steps=6", "--config.zero_rl.checkpoint_every=1"]
+  runs = {}
+  for name in ("straight", "interrupted"):
+    wd = tmp_path / name
+    shutil.copytree(wd_ref / "base", wd / "base")  # the same base model, no config.json yet
+    if name == "straight":
+      out = _main(wd, *extra, timeout=600)
+      assert out.returncode == 0, out.stderr[-3000:]
+    else:
+      env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+      env.pop("XLA_FLAGS", None)
+      cmd = [sys.executable, "-m", "specs_jax.main", "--config=configs/test.py", f"--workdir={wd}",
+             "--config.run.progress=False", *extra]
+      proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      metrics = wd / "zero_rl" / "metrics.jsonl"
+      deadline = time.time() + 600
+      while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+          proc.send_signal(signal.SIGTERM)
+          break
+        time.sleep(0.1)
+      proc.wait(timeout=300)
+      assert proc.returncode == 0, proc.stderr.read()[-3000:]
+      assert len(metrics.read_text().splitlines()) < 6 and not (wd / "zero_rl" / "DONE").exists()
+      out = _main(wd, *extra, timeout=600)
+      assert out.returncode == 0 and "resumed at step" in out.stderr, out.stderr[-3000:]
+    runs[name] = (wd / "zero_rl" / "hf" / "model.safetensors").read_bytes()
+  assert runs["straight"] == runs["interrupted"]
