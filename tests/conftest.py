@@ -50,3 +50,13 @@ def hf_model(hf_dir):
   from transformers import Qwen2_5_VLForConditionalGeneration
 
   return Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def jax_model(hf_dir):
+  """(model, params) of the tiny HF fixture loaded by specs_jax, float32 (loaded once per session)."""
+  import jax.numpy as jnp
+
+  from specs_jax.models import qwen2_5_vl
+
+  return qwen2_5_vl.from_pretrained(hf_dir, dtype=jnp.float32)

@@ -51,7 +51,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from specs_jax.models.qwen2_5_vl.model import Qwen2_5_VL, lm_head_kernel
@@ -59,7 +58,8 @@ from specs_jax.parallel import mesh as mesh_lib
 from specs_jax.training import grpo
 from specs_jax.training.logprobs import token_logprobs_from_hidden
 from specs_jax.training.rollout import RolloutBatch
-from specs_jax.training.state import OptimizerConfig, TrainState, accumulate_gradients, make_schedule
+from specs_jax.training.state import (OptimizerConfig, TrainState, accumulate_gradients, known_fields,
+                                      make_schedule)
 from specs_jax.training.steps import effective_frozen_prefixes, merge_params, partition_params
 
 __all__ = [
@@ -205,11 +205,7 @@ class GRPOConfig:
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any]) -> "GRPOConfig":
     """From a dict / ml_collections.ConfigDict; unknown keys raise (they are usually typos)."""
-    d = dict(cfg.items())
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown GRPO config keys: {sorted(unknown)}")
-    return cls(**d)
+    return cls(**known_fields(cls, cfg, "GRPO"))
 
   @property
   def filter_bounds(self) -> tuple[float, float] | None:

@@ -47,6 +47,15 @@ PyTree = Any
 NO_DECAY_NAMES = ("bias", "scale")
 
 
+def known_fields(cls, cfg: Mapping[str, Any], what: str) -> dict[str, Any]:
+  """`cfg` as a dict, or a ValueError naming the keys that are not fields of dataclass `cls`."""
+  d = dict(cfg.items())
+  unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+  if unknown:
+    raise ValueError(f"unknown {what} config keys: {sorted(unknown)}")
+  return d
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """Optimizer hyper-parameters (the `optimizer` block of a config).
@@ -80,10 +89,7 @@ class OptimizerConfig:
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any]) -> "OptimizerConfig":
     """From a dict / ml_collections.ConfigDict; unknown keys raise (they are usually typos)."""
-    d = dict(cfg.items())
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown optimizer config keys: {sorted(unknown)}")
+    d = known_fields(cls, cfg, "optimizer")
     if "frozen_prefixes" in d:
       d["frozen_prefixes"] = tuple(d["frozen_prefixes"])
     return cls(**d)

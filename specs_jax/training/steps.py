@@ -135,6 +135,13 @@ def _as_opt_config(optimizer: OptimizerConfig | Mapping[str, Any] | None) -> Opt
   return OptimizerConfig.from_mapping(optimizer)
 
 
+def _step_setup(model: Qwen2_5_VL, optimizer, freeze_vision: bool, chunk_size: int):
+  """(frozen prefixes, lr schedule or None, forward helper) shared by the step factories."""
+  cfg = _as_opt_config(optimizer)
+  schedule = make_schedule(cfg) if cfg is not None else None
+  return effective_frozen_prefixes(cfg, freeze_vision), schedule, forward.Forward(model, chunk_size)
+
+
 def effective_frozen_prefixes(optimizer: OptimizerConfig | Mapping[str, Any] | None,
                               freeze_vision: bool = True) -> tuple[str, ...]:
   """The optimizer's frozen prefixes, plus "visual" when `freeze_vision` (the recipe's default, as
@@ -343,10 +350,7 @@ def make_dpo_step(
   """
   if loss_type not in dpo.LOSS_TYPES:
     raise ValueError(f"loss_type must be one of {dpo.LOSS_TYPES}, got {loss_type!r}")
-  cfg = _as_opt_config(optimizer)
-  frozen = effective_frozen_prefixes(cfg, freeze_vision)
-  schedule = make_schedule(cfg) if cfg is not None else None
-  fwd = forward.Forward(model, chunk_size)
+  frozen, schedule, fwd = _step_setup(model, optimizer, freeze_vision, chunk_size)
   terms = _dpo_terms(beta=beta, sft_weight=sft_weight, label_smoothing=label_smoothing, loss_type=loss_type)
 
   def impl(state: TrainState, batch: dict[str, Any], prompt_len: int):
@@ -420,10 +424,7 @@ def make_sft_step(
   """
   if mode not in sft.MODES:
     raise ValueError(f"mode must be one of {sft.MODES}, got {mode!r}")
-  cfg = _as_opt_config(optimizer)
-  frozen = effective_frozen_prefixes(cfg, freeze_vision)
-  schedule = make_schedule(cfg) if cfg is not None else None
-  fwd = forward.Forward(model, chunk_size)
+  frozen, schedule, fwd = _step_setup(model, optimizer, freeze_vision, chunk_size)
 
   def terms(logps, mask, mb):
     total, denom = sft.nll_terms(logps, mask, mode)

@@ -17,11 +17,6 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "data_files", "qwen2_5_vl")
 
 
 @pytest.fixture(scope="module")
-def jax_model(hf_dir):
-  return qwen2_5_vl.from_pretrained(hf_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
 def mm_batch(tokenizer, image_processor):
   rng = np.random.default_rng(10)
   return hf_batch(tokenizer, image_processor, [

@@ -12,11 +12,6 @@ from specs_jax.models import qwen2_5_vl
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def jax_model(hf_dir):
-  return qwen2_5_vl.from_pretrained(hf_dir, dtype=jnp.float32)
-
-
 def _jax_logits(model, params, batch):
   return np.asarray(model.apply({"params": params}, jnp.asarray(batch["input_ids"]),
                                 jnp.asarray(batch["attention_mask"]),

@@ -11,11 +11,6 @@ from specs_jax.models import qwen2_5_vl
 
 
 @pytest.fixture(scope="module")
-def jax_model(hf_dir):
-  return qwen2_5_vl.from_pretrained(hf_dir, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
 def batch(tokenizer, image_processor):
   rng = np.random.default_rng(0)
   return hf_batch(tokenizer, image_processor, [
