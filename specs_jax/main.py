@@ -26,7 +26,9 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   from specs_jax import pipeline
+  from specs_jax.parallel import mesh
 
+  mesh.maybe_initialize_distributed(_CONFIG.value)  # before anything touches the devices
   summary = pipeline.run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
   print(pipeline.json.dumps(summary, indent=2, sort_keys=True))
 

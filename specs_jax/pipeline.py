@@ -7,7 +7,8 @@ Each stage writes under `DIR/<stage>/` and ends by writing `DIR/<stage>/DONE` (J
 steps, stats); a stage with DONE is skipped on re-run; one without resumes from its own
 checkpoints. `DIR/summary.json` is rewritten after every stage. `DIR/config.json` holds the
 resolved config; a workdir made by a different config is refused (fields under `run.*` — stages,
-progress display — may differ).
+progress display —, the per-host `distributed.*` and the `mesh` may differ). On several hosts, all share one
+workdir (a shared filesystem) and process 0 writes the bookkeeping files.
 """
 
 from __future__ import annotations
@@ -29,8 +30,30 @@ CHECKPOINT_OF = {"base": "base", "zero_rl": "zero", "coldstart": "coldstart", "f
                  "sft_coldstart": "sft_coldstart", "sft_final": "sft_final"}
 
 
+# Config sections that may differ between runs on one workdir: display options, the per-host
+# multi-host settings (process_id differs between the hosts of one job), and the mesh (a preempted
+# run may resume on another slice; Orbax restores into the new shardings; results then agree to
+# float rounding instead of bit for bit).
+FREE_SECTIONS = ("run", "distributed", "mesh")
+
+
+def is_writer() -> bool:
+  """Whether this process writes the workdir's bookkeeping files (config.json, summary.json, DONE):
+  process 0 of a multi-host job, which shares one workdir; always True on one host."""
+  import sys
+
+  jax = sys.modules.get("jax")
+  return jax is None or jax.process_index() == 0
+
+
 class PipelineError(RuntimeError):
   """A stage cannot run: a missing input, a mismatched workdir, a failed stage."""
+
+
+class NonFiniteError(PipelineError, FloatingPointError):
+  """A stage stopped on non-finite numbers: `run.max_nonfinite_in_a_row` NaN / inf updates in a row,
+  or a non-finite metric after an applied update. The state of the failing step is not saved; the
+  stage's latest checkpoint is the last good one, and a re-run resumes from it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +75,8 @@ class Workdir:
     return os.path.exists(self.done_file(name))
 
   def mark_done(self, name: str, info: dict) -> None:
+    if not is_writer():
+      return
     tmp = self.done_file(name) + ".tmp"
     with open(tmp, "w") as f:
       json.dump(info, f, indent=2)
@@ -76,11 +101,13 @@ def check_or_write_config(config: ml_collections.ConfigDict, wd: Workdir) -> Non
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    strip = lambda d: {k: v for k, v in d.items() if k != "run"}  # noqa: E731
+    strip = lambda d: {k: v for k, v in d.items() if k not in FREE_SECTIONS}  # noqa: E731
     if strip(old) != strip(new):
-      diff = sorted(k for k in set(old) | set(new) if k != "run" and old.get(k) != new.get(k))
+      diff = sorted(k for k in set(old) | set(new) if k not in FREE_SECTIONS and old.get(k) != new.get(k))
       raise PipelineError(f"workdir {wd.root} was made by a different config (sections differ: {diff}); "
                           "use a new --workdir or the original config")
+  if not is_writer():
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(new, f, indent=2, sort_keys=True)
@@ -99,6 +126,8 @@ def load_summary(wd: Workdir) -> dict:
 
 
 def write_summary(wd: Workdir, summary: dict) -> None:
+  if not is_writer():
+    return
   tmp = _summary_path(wd) + ".tmp"
   with open(tmp, "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True)
@@ -130,6 +159,12 @@ def stage_functions() -> dict[str, Callable]:
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages: Sequence[str] | None = None) -> dict:
   """Runs the requested stages in order; returns the summary."""
+  from specs_jax.config_defaults import check_fields
+
+  try:
+    check_fields(config)  # a typo inside a config file; a typo in a --config.x override fails in main
+  except ValueError as e:
+    raise PipelineError(str(e)) from None
   wd = Workdir(os.path.abspath(workdir))
   check_or_write_config(config, wd)
   summary = load_summary(wd)

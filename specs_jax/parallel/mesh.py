@@ -14,6 +14,9 @@ which `jax.make_mesh` defaults to in jax 0.10 and which the model code is not wr
 Multi-host: call `maybe_initialize_distributed(config)` first thing (before any other JAX call),
 then every host builds the same mesh over the global devices, loads *its own* rows of each batch,
 and `host_local_to_global` assembles the global arrays (`jax.make_array_from_process_local_data`).
+A batch's image table (`pixel_values` + `vision` in the slot layout) is per host too: the hosts'
+tables are gathered and concatenated, and the rows' references into it are offset
+(`gather_host_images`).
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ __all__ = [
     "batch_shardings",
     "data_sharding",
     "divisible_axes",
+    "gather_host_images",
+    "global_batch_to_mesh",
     "host_local_to_global",
     "make_mesh",
     "maybe_initialize_distributed",
     "mesh_shape",
     "multi_host_requested",
     "replicated",
+    "to_host",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,8 @@ BATCH_AXES = ("data", "fsdp")
 # Batch entries that are not split by rows: the vision patches of a batch are one concatenated array
 # ([N_patches, 1176]) that every device needs whole (window attention runs over segments of it).
 REPLICATED_BATCH_KEYS = frozenset({"pixel_values", "vision", "image_grid_thw", "patch_valid"})
+# Row entries that point into the batch's merged image-token features (−1: no image token).
+IMAGE_INDEX_KEYS = ("image_index",)
 # Entries whose row dimension is not the first one.
 BATCH_DIMS = {"position_ids": 1}
 
@@ -264,22 +272,160 @@ def batch_shardings(batch: Any, mesh: Mesh, *, global_rows_scale: int = 1) -> An
       lambda path, x: _leaf_sharding(path, x, mesh, global_rows_scale), batch)
 
 
+def _allgather(tree: Any) -> Any:
+  """numpy pytree of this host → the same pytree with a leading [process_count] axis (a collective:
+  every process calls it with the same structure and shapes)."""
+  from jax.experimental import multihost_utils
+
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=False))
+
+
+def gather_host_images(pixel_values: np.ndarray, vision: Mapping[str, np.ndarray]
+                       ) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+  """Every host's image table → the global one (identical on every host), and this host's offset.
+
+  Each host collates its own rows' images into S slots of Q patches (`rope.vision_metadata`); the
+  global table is the hosts' slots in process order (S·n slots). `token_index` (merged image-token
+  features in prompt order, valid entries first) is rebuilt so that host h's tokens follow those of
+  hosts < h with no gap, so features come out in global row order. Window / full-attention segment
+  ids only meet within a slot and need no offset. A collective on more than one process.
+
+  Args:
+    pixel_values: [S·Q, C] this host's patches in the slot layout.
+    vision: this host's slot-layout metadata: pos_h, pos_w, window_seg, full_seg, valid [S, Q],
+      token_index [S·Q/m²].
+  Returns:
+    (pixel_values [n·S·Q, C], vision with [n·S, Q] and token_index [n·S·Q/m²], offset): offset is
+    the number of image tokens on the hosts before this one; add it to this host's row references
+    into the features (GRPO's `image_index`; DPO/SFT rows find their features by order).
+  Raises:
+    ValueError: hosts with different slot layouts (S, Q, C: use the same buckets on every host), or
+      metadata without `valid`.
+  """
+  vision = {k: np.asarray(v) for k, v in vision.items()}
+  pv = np.asarray(pixel_values)
+  if "valid" not in vision or "token_index" not in vision:
+    raise ValueError(f"vision metadata needs 'valid' and 'token_index' to be gathered; has {sorted(vision)}")
+  if jax.process_count() == 1:
+    return pv, vision, 0
+  s, q = vision["valid"].shape
+  n_merged = vision["token_index"].shape[0]
+  unit = s * q // n_merged                                                    # m² patches per token
+  own = np.array([s, q, n_merged, *pv.shape, int(vision["valid"].sum()) // unit], np.int64)
+  layouts = _allgather(own)                                                   # [n, 6]
+  if (layouts[:, :5] != layouts[0, :5]).any():
+    raise ValueError("hosts collated image tables of different layouts (slots, slot size, tokens, patches, "
+                     f"channels per host: {layouts[:, :5].tolist()}); use the same patch and image buckets "
+                     "on every host")
+  counts = layouts[:, 5]
+  gathered = _allgather({"pixel_values": pv, "vision": vision})
+  n = len(counts)
+  out = {k: v.reshape(n * s, *v.shape[2:]) for k, v in gathered["vision"].items() if k != "token_index"}
+  token_index = np.zeros((n * n_merged,), vision["token_index"].dtype)
+  start = 0
+  for h in range(n):
+    token_index[start:start + counts[h]] = gathered["vision"]["token_index"][h, :counts[h]] + h * n_merged
+    start += counts[h]
+  out["token_index"] = token_index
+  offset = int(counts[:jax.process_index()].sum())
+  return gathered["pixel_values"].reshape(n * s * q, *pv.shape[1:]), out, offset
+
+
+def _rows_follow_processes(sharding: NamedSharding, global_shape: tuple[int, ...], dim: int) -> bool:
+  """Whether process p's devices hold exactly rows [p·r, (p+1)·r) of `dim` (r = rows per process)."""
+  n_proc = jax.process_count()
+  per = global_shape[dim] // n_proc
+  spans: dict[int, set[tuple[int, int]]] = {}
+  for dev, index in sharding.devices_indices_map(global_shape).items():
+    sl = index[dim]
+    spans.setdefault(dev.process_index, set()).add(
+        (sl.start or 0, global_shape[dim] if sl.stop is None else sl.stop))
+  for p, sp in spans.items():
+    if min(a for a, _ in sp) != p * per or max(b for _, b in sp) != (p + 1) * per:
+      return False
+  return True
+
+
 def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
   """This host's rows of a batch → global `jax.Array`s sharded over the batch axes.
 
   Each host passes the rows it loaded (numpy); the global row count is the local one times
-  `jax.process_count()`, rows ordered by process index. Replicated entries (vision patches, 0-d
-  arrays, and any dimension the batch axes do not divide) must be identical on every host. On one
-  host this is a `device_put` with the batch shardings. Python scalars pass through unchanged.
+  `jax.process_count()`, rows ordered by process index. With several processes, a batch dict's image
+  table (`pixel_values` with `vision` slot metadata) is this host's images: the tables are gathered
+  (`gather_host_images`) and `image_index` rows are offset into the global features. Other
+  replicated entries (0-d arrays, flat `pixel_values` without `vision`, `image_grid_thw`,
+  `patch_valid`) must be identical on every host. Rows whose split over the devices does not follow
+  the processes (a row count the process-spanning axes do not divide) are gathered from all hosts
+  first. On one host this is a `device_put` with the batch shardings. Python scalars pass through.
 
   Returns:
     the batch with every array leaf replaced by a global `jax.Array`.
   """
   n_proc = jax.process_count()
+  has_table = isinstance(batch, Mapping) and batch.get("vision") is not None and batch.get("pixel_values") is not None
+  if n_proc > 1 and has_table:
+    pv, vision, offset = gather_host_images(batch["pixel_values"], batch["vision"])
+    batch = {**batch, "pixel_values": pv, "vision": vision}
+    for k in IMAGE_INDEX_KEYS:
+      if batch.get(k) is not None:
+        idx = np.asarray(batch[k])
+        batch[k] = np.where(idx >= 0, idx + offset, idx).astype(idx.dtype)
 
   def put(path, x):
     sharding = _leaf_sharding(path, x, mesh, n_proc)
     if sharding is None:
       return x
-    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    x = np.asarray(x)
+    key = _key_name(path)
+    if n_proc == 1 or key in REPLICATED_BATCH_KEYS or x.ndim == 0:
+      return jax.make_array_from_process_local_data(sharding, x)
+    dim = BATCH_DIMS.get(key, 0)
+    global_shape = list(x.shape)
+    global_shape[dim] *= n_proc
+    global_shape = tuple(global_shape)
+    if _rows_follow_processes(sharding, global_shape, dim):
+      return jax.make_array_from_process_local_data(sharding, x, global_shape)
+    # e.g. 4 global rows on a mesh whose process-spanning axis has 8 devices: the rows are not split
+    # by process (without global_shape, each host's rows would silently be taken for all of them).
+    full = np.concatenate(list(_allgather(x)), axis=dim)
+    return jax.make_array_from_callback(global_shape, sharding, lambda index: full[index])
   return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def global_batch_to_mesh(batch: Any, mesh: Mesh) -> Any:
+  """A batch that every host built whole (identical numpy arrays on every host) → global `jax.Array`s.
+
+  The pipeline's stages derive each step's batch deterministically from the step index, so every
+  host can collate the same global batch; each host then transfers only the shards its own devices
+  hold (`jax.make_array_from_callback`). Unlike `host_local_to_global` this needs no per-host row
+  split, so entries that are not split by rows (the vision patches and their per-image slot
+  metadata) stay consistent across hosts by construction. Shardings as `batch_shardings`; python
+  scalars pass through. On one host this equals a `device_put` with the batch shardings.
+  """
+  def put(path, x):
+    sharding = _leaf_sharding(path, x, mesh, 1)
+    if sharding is None:
+      return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def to_host(tree: Any) -> Any:
+  """Device arrays → numpy on every host. On one host a `device_get`; on several, arrays whose
+  shards all live here are read directly, replicated ones from a local copy, and the rest are
+  gathered across processes (a collective: every host must call this with the same arrays)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+  def one(x):
+    if not isinstance(x, jax.Array):
+      return np.asarray(x)
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)

@@ -31,6 +31,7 @@ import numpy as np
 
 from specs_jax.models.qwen2_5_vl import text as text_lib
 from specs_jax.models.qwen2_5_vl.model import Qwen2_5_VL, prepare_inputs
+from specs_jax.parallel import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,9 @@ class Sampler:
         params, logits, cache, kv_mask, shard(next_pos), rng, jnp.int32(max_new_tokens),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos_ids, jnp.int32(pad), gen_len=gen_len,
         top_k=int(top_k), greedy=greedy)
-    tokens, lps, raw = (np.asarray(x)[:, :max_new_tokens] for x in (tokens, lps, raw))
-    return SampleOutput(tokens=tokens, logprobs=lps, lengths=np.asarray(lengths), finished=np.asarray(done),
+    tokens, lps, raw, lengths, done = mesh_lib.to_host((tokens, lps, raw, lengths, done))  # every host: all rows
+    tokens, lps, raw = (x[:, :max_new_tokens] for x in (tokens, lps, raw))
+    return SampleOutput(tokens=tokens, logprobs=lps, lengths=lengths, finished=done,
                         untempered_logprobs=raw if return_untempered_logprobs else None,
                         group_index=np.repeat(np.arange(b), n))
 

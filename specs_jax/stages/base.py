@@ -91,14 +91,16 @@ def run(config: ml_collections.ConfigDict, wd) -> dict:
       [e.prompt.image_grid_thw for e in encoded], int(c.batch_size))
   opt = OptimizerConfig(learning_rate=float(c.learning_rate), schedule="cosine", total_steps=int(c.steps),
                         warmup_steps=int(c.warmup_steps), weight_decay=0.0, max_grad_norm=1.0)
-  state, _ = steps_lib.init_train_state(params, opt, jax.random.key(config.seed + 1), freeze_vision=False)
-  step_fn = steps_lib.make_sft_step(model, opt, freeze_vision=False)
+  mesh = common.stage_mesh(config)
+  state, shardings = steps_lib.init_train_state(params, opt, jax.random.key(config.seed + 1), freeze_vision=False,
+                                                mesh=mesh)
+  step_fn = steps_lib.make_sft_step(model, opt, freeze_vision=False, mesh=mesh, state_sharding=shardings)
   bs = int(c.batch_size)
   pad = special_token_ids(tok)["<|endoftext|>"]
 
   def one_step(state, step):
     batch = batches_lib.collate_sft(common.cycle(encoded, bs, step, config.seed), mcfg, buckets, pad, num_rows=bs)
-    return step_fn(state, batch)
+    return step_fn(state, common.to_mesh(batch, mesh))
 
   res = common.train_loop(stage, state, int(c.steps), one_step, checkpoint_every=int(c.checkpoint_every),
                           progress=config.run.progress)

@@ -11,6 +11,7 @@ steps into DIR/<stage>/gf.jsonl and summary["gf"].
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -26,6 +27,8 @@ from specs_jax.training import batches as batches_lib
 from specs_jax.training import steps as steps_lib
 from specs_jax.training.state import OptimizerConfig
 
+log = logging.getLogger(__name__)
+
 METHOD = {"coldstart": "dpo_sft", "sft_coldstart": "sft"}
 
 
@@ -37,16 +40,29 @@ def load_pairs(wd, stage: str, on_error: str) -> list:
   return list(res.examples)
 
 
+def drop_too_long(encoded: list, comp: list[int], max_length: int, stage: str) -> tuple[list, list[int], int]:
+  """Drops (and counts) the pairs whose prompt + longer response exceeds `max_length` tokens: the
+  recipe's cutoff (RECIPE.md §1, 16,384). Dropping rather than truncating keeps every DPO log-prob a
+  whole response's. Raises PipelineError when nothing is left."""
+  keep = [i for i, e in enumerate(encoded) if len(e.prompt.input_ids) + comp[i] <= max_length]
+  dropped = len(encoded) - len(keep)
+  if dropped:
+    log.warning("%s: %d of %d pairs are longer than max_length=%d tokens and are skipped", stage, dropped,
+                len(encoded), max_length)
+  if not keep:
+    raise PipelineError(f"{stage}: all {len(encoded)} pairs are longer than max_length={max_length} tokens "
+                        f"(config.{stage}.max_length)")
+  return [encoded[i] for i in keep], [comp[i] for i in keep], dropped
+
+
 def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
   c = config[name]
   stage = wd.stage(name)
-  policy = common.load_policy(common.starting_hf_dir(config, wd, name), config)
+  mesh = common.stage_mesh(config)
+  policy = common.load_policy(common.starting_hf_dir(config, wd, name), config, mesh)
   tok, icfg, mcfg = policy.tokenizer, policy.image_config, policy.model.config
   pad = special_token_ids(tok)["<|endoftext|>"]
   pairs = load_pairs(wd, name, config.data.on_error)
-  bs = min(int(c.batch_size), len(pairs))
-  steps_per_epoch = max(1, len(pairs) // bs)
-  total = int(c.epochs) * steps_per_epoch
   is_dpo = name == "coldstart"
 
   if is_dpo:
@@ -55,6 +71,10 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
   else:
     encoded = [batches_lib.encode_sft_example(tok, p, icfg, common.system_prompt(config)) for p in pairs]
     comp = [len(e.response_ids) for e in encoded]
+  encoded, comp, too_long = drop_too_long(encoded, comp, int(c.max_length), name)
+  bs = min(int(c.batch_size), len(encoded))
+  steps_per_epoch = max(1, len(encoded) // bs)
+  total = int(c.epochs) * steps_per_epoch
   buckets = common.fixed_buckets([len(e.prompt.input_ids) for e in encoded], comp,
                                  [e.prompt.image_grid_thw for e in encoded], bs)
 
@@ -64,24 +84,15 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
     for i in range(0, len(encoded), bs):
       chunk = encoded[i:i + bs]
       batch = batches_lib.collate_dpo(chunk, mcfg, buckets, pad, num_pairs=bs, require_ref=False)
-      rc, rr = steps_lib.reference_logps(logps_fn, policy.params, batch)
+      rc, rr = steps_lib.reference_logps(logps_fn, policy.params, common.to_mesh(batch, mesh))
       ref += list(zip(rc[:len(chunk)], rr[:len(chunk)]))
     encoded = [batches_lib.EncodedPair(e.prompt, e.chosen_ids, e.rejected_ids, float(a), float(b))
                for e, (a, b) in zip(encoded, ref)]
 
   opt = OptimizerConfig(learning_rate=float(c.learning_rate), schedule=c.schedule, total_steps=total,
                         warmup_ratio=float(c.warmup_ratio), weight_decay=0.0, max_grad_norm=1.0)
-  state, _ = steps_lib.init_train_state(policy.params, opt, jax.random.key(config.seed + 41),
-                                        freeze_vision=bool(c.freeze_vision))
-  if is_dpo:
-    step_fn = steps_lib.make_dpo_step(policy.model, opt, beta=float(c.beta), sft_weight=float(c.sft_weight),
-                                      micro_batches=int(c.micro_batches), freeze_vision=bool(c.freeze_vision))
-    collate = lambda items: batches_lib.collate_dpo(items, mcfg, buckets, pad, num_pairs=bs)  # noqa: E731
-  else:
-    step_fn = steps_lib.make_sft_step(policy.model, opt, micro_batches=int(c.micro_batches),
-                                      freeze_vision=bool(c.freeze_vision))
-    collate = lambda items: batches_lib.collate_sft(items, mcfg, buckets, pad, num_rows=bs)  # noqa: E731
-
+  # The GF hook evaluates the starting point (step 0) with the policy params before the state owns
+  # (and the steps donate) them.
   d = config.data
   tracker = hooks.GFTracker.synthetic(METHOD[name], n_id=int(c.gf_examples), n_ood=int(c.gf_examples),
                                       seed=config.seed + 1000, levels=tuple(d.levels),
@@ -93,10 +104,23 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
   if not tracker.history or tracker.history[0][0] != 0:
     hook(0, policy.params)  # the base model's point (step 0)
 
+  state, shardings = steps_lib.init_train_state(policy.params, opt, jax.random.key(config.seed + 41),
+                                                freeze_vision=bool(c.freeze_vision), mesh=mesh)
+  common_kw = dict(micro_batches=int(c.micro_batches), freeze_vision=bool(c.freeze_vision), mesh=mesh,
+                   state_sharding=shardings)
+  if is_dpo:
+    step_fn = steps_lib.make_dpo_step(policy.model, opt, beta=float(c.beta), sft_weight=float(c.sft_weight),
+                                      **common_kw)
+    collate = lambda items: batches_lib.collate_dpo(items, mcfg, buckets, pad, num_pairs=bs)  # noqa: E731
+  else:
+    step_fn = steps_lib.make_sft_step(policy.model, opt, **common_kw)
+    collate = lambda items: batches_lib.collate_sft(items, mcfg, buckets, pad, num_rows=bs)  # noqa: E731
+
+
   def one_step(state, step):
-    return step_fn(state, collate(common.cycle(encoded, bs, step, config.seed + 43)))
+    return step_fn(state, common.to_mesh(collate(common.cycle(encoded, bs, step, config.seed + 43)), mesh))
 
   res = common.train_loop(stage, state, total, one_step, checkpoint_every=int(c.checkpoint_every),
                           progress=config.run.progress, on_step=lambda s, st, m: hook(s, st.params))
   common.export(res.state.params, policy, wd.hf(name))
-  return {"steps": res.steps, "pairs": len(pairs), "gf": {METHOD[name]: tracker.history}}
+  return {"steps": res.steps, "pairs": len(encoded), "pairs_over_max_length": too_long, "gf": {METHOD[name]: tracker.history}}

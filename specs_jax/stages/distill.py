@@ -28,8 +28,9 @@ def distill_config(config: ml_collections.ConfigDict, policy: common.Policy) -> 
 
 def run(config: ml_collections.ConfigDict, wd) -> dict:
   stage = wd.stage("distill")
-  base = common.load_policy(common.starting_hf_dir(config, wd, "distill"), config)
-  zero = common.load_policy(require(wd.hf("zero_rl"), "the zero-RL policy pi_zero", "distill"), config)
+  mesh = common.stage_mesh(config)
+  base = common.load_policy(common.starting_hf_dir(config, wd, "distill"), config, mesh)
+  zero = common.load_policy(require(wd.hf("zero_rl"), "the zero-RL policy pi_zero", "distill"), config, mesh)
   cfg = distill_config(config, base)
   examples = common.rl_examples(config, "train", int(config.distill.num_prompts), seed_offset=21)
   with RewardPool(num_workers=2) as pool:

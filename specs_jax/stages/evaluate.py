@@ -46,8 +46,9 @@ def run(config: ml_collections.ConfigDict, wd) -> dict:
   stage = wd.stage("eval")
   sets = eval_sets(config)
   results: dict[str, dict] = {}
+  mesh = common.stage_mesh(config)
   for ckpt, hf_dir in checkpoints(config, wd).items():
-    policy = common.load_policy(hf_dir, config)
+    policy = common.load_policy(hf_dir, config, mesh)
     results[ckpt] = {}
     for name, examples in sets.items():
       res = benchmarks.run_benchmark(

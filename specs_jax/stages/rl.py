@@ -39,22 +39,26 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
   src = SOURCES[name]
   hf_in = common.starting_hf_dir(config, wd, name) if src is None else require(wd.hf(src), f"the {src} policy", name)
   stage = wd.stage(name)
-  policy = common.load_policy(hf_in, config)
+  mesh = common.stage_mesh(config)
+  policy = common.load_policy(hf_in, config, mesh)
   cfg = grpo_config(c)
   tok = policy.tokenizer
   ids = special_token_ids(tok)
   b = cfg.prompts_per_step
-  # The prompts of every step, encoded once (deterministic from the seed; step k uses rows k·B..).
+  # The prompt pool (deterministic from the seed); step k draws its B prompts with `common.cycle`
+  # and encodes them then, so the pool's pixels are never all in memory (a 7B run's 12,800 prompts
+  # of up to 1,280 image tokens would be ~300 GB of patches). One sizing pass fixes the buckets.
   pool = common.rl_examples(config, "train", min(int(config.data.num_train), int(c.steps) * b), seed_offset=7)
-  prompts = common.encode_examples(policy, pool, config)
-  bk = common.fixed_buckets([len(p.prompt.input_ids) for p in prompts], [], [p.prompt.image_grid_thw for p in prompts],
-                            b)
+  lengths, grids = common.prompt_sizes(policy, pool, config)
+  bk = common.fixed_buckets(lengths, [], grids, b)
   p_len, q, s = bk.prompt.sizes[0], bk.patches.sizes[0], bk.images.sizes[0]
   c_len = int(cfg.max_response_len)
   sampler = sampling.Sampler(policy.model)
-  state, _ = steps_lib.init_train_state(policy.params, cfg.optimizer_config(), jax.random.key(config.seed + 3),
-                                        freeze_vision=cfg.freeze_vision)
-  fns = grpo_step.make_grpo_functions(policy.model, cfg)
+  state, shardings = steps_lib.init_train_state(policy.params, cfg.optimizer_config(),
+                                                jax.random.key(config.seed + 3), freeze_vision=cfg.freeze_vision,
+                                                mesh=mesh)
+  fns = grpo_step.make_grpo_functions(policy.model, cfg, mesh=mesh, state_sharding=shardings)
+  sampler_kwargs = {"gen_buckets": (c_len,), "data_sharding": common.rows_sharding(mesh, b)}
   reward_cfg = RewardConfig(format_weight=float(c.format_weight), accuracy_weight=float(c.accuracy_weight))
   key = jax.random.key(config.seed + {"zero_rl": 11, "final_rl": 12, "sft_final": 13}[name])
 
@@ -62,13 +66,14 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
     reward_fn = rollout.pool_reward_fn(reward_pool, reward_cfg)
 
     def one_step(state, step):
-      batch_prompts = common.cycle(prompts, b, step, config.seed + 5)
+      batch_prompts = common.encode_examples(policy, common.cycle(pool, b, step, config.seed + 5), config)
       k_sample, k_update = jax.random.split(jax.random.fold_in(key, step))
       batch = rollout.collect_rollouts(
           sampler, state.params, batch_prompts, reward_fn, rng=k_sample, pad_id=ids["<|endoftext|>"],
           eos_token_id=ids["<|im_end|>"], tokenizer=tok, prompt_buckets=[p_len], completion_buckets=[c_len],
-          patch_buckets=[q], image_buckets=[s], sampler_kwargs={"gen_buckets": (c_len,)}, **cfg.rollout_kwargs())
-      state, metrics = grpo_step.grpo_train_step(state, batch, cfg, k_update, fns=fns)
+          patch_buckets=[q], image_buckets=[s], sampler_kwargs=sampler_kwargs, **cfg.rollout_kwargs())
+      state, metrics = grpo_step.grpo_train_step(state, batch, cfg, k_update, fns=fns, mesh=mesh,
+                                                global_rows=True)
       return state, {**{k: v for k, v in batch.metrics.items() if np.ndim(v) == 0}, **metrics}
 
     res = common.train_loop(stage, state, int(c.steps), one_step, checkpoint_every=int(c.checkpoint_every),

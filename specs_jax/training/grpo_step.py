@@ -58,8 +58,8 @@ from specs_jax.parallel import mesh as mesh_lib
 from specs_jax.training import grpo
 from specs_jax.training.logprobs import token_logprobs_from_hidden
 from specs_jax.training.rollout import RolloutBatch
-from specs_jax.training.state import (OptimizerConfig, TrainState, accumulate_gradients, known_fields,
-                                      make_schedule)
+from specs_jax.training.state import (OptimizerConfig, TrainState, accumulate_gradients, applied_updates,
+                                      apply_gradients_checked, known_fields, make_schedule, nonfinite_counts)
 from specs_jax.training.steps import effective_frozen_prefixes, merge_params, partition_params
 
 __all__ = [
@@ -340,7 +340,9 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
       (ratio exactly 1). An array, not a static value: no recompilation.
   The state is donated. Metrics are additive sums (`_SUM_KEYS`, see `grpo.policy_loss_terms`; plus
   "entropy" and the log-prob gaps to the old and sampler log-probs, token sums) and per-update values
-  l2_grads (trainable, before clipping), l2_updates, l2_params, learning_rate.
+  l2_grads (trainable, before clipping), l2_updates, l2_params, learning_rate, nonfinite_updates and
+  nonfinite_in_a_row (an update with a NaN / inf loss or gradient is skipped and counted,
+  `state.skip_nonfinite`).
 
   Args:
     model: the policy module.
@@ -398,16 +400,17 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
                      "logp_abs_diff/sampler": tok(jnp.abs(lp - mb["sampler_logps"]))}
       return loss_sum, denom, sums
 
-    _, (g_text, g_feats), sums = accumulate_gradients(loss_terms, (text_train, feats_arg), micro)
+    loss, (g_text, g_feats), sums = accumulate_gradients(loss_terms, (text_train, feats_arg), micro)
     g_vis = vjp_fn(g_feats)[0] if vjp_fn is not None else {}
     g_trainable = {**g_text, **g_vis}
     grads = merge_params(g_trainable, jax.tree.map(jnp.zeros_like, frozen))
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {k: sums[k] for k in _SUM_KEYS} | {
-        "l2_grads": _norm(g_trainable), "l2_updates": _norm(updates),
-        "l2_params": _norm(params), "learning_rate": jnp.asarray(schedule(state.step), jnp.float32)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    # A NaN / inf loss or gradient skips the update (params and moments unchanged) and is counted.
+    lr = jnp.asarray(schedule(applied_updates(state)), jnp.float32)
+    state, updates, counts = apply_gradients_checked(state, grads, loss)
+    metrics = {k: sums[k] for k in _SUM_KEYS} | counts | {
+        "l2_grads": _norm(g_trainable), "l2_updates": _norm(updates), "l2_params": _norm(state.params),
+        "learning_rate": lr}
+    return state, metrics
 
   kw: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
   if state_sharding is not None:
@@ -442,24 +445,31 @@ def _take_rows(rows: Mapping[str, np.ndarray], idx: np.ndarray) -> dict[str, np.
   return {k: (v[:, idx] if k == "position_ids" else v[idx]) for k, v in rows.items()}
 
 
-def _put(x: Any, mesh: Mesh | None, replicate: bool = False) -> Any:
+def _put(x: Any, mesh: Mesh | None, replicate: bool = False, global_rows: bool = False) -> Any:
+  """Rows (or, with `replicate`, the vision inputs) onto the mesh: this host's rows
+  (`host_local_to_global`), or, with `global_rows`, the whole batch that every host holds."""
   if mesh is None:
     return jax.tree.map(jnp.asarray, x)
+  if global_rows:
+    if replicate:
+      return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), mesh_lib.replicated(mesh),
+                                                                 lambda idx: np.asarray(a)[idx]), x)
+    return mesh_lib.global_batch_to_mesh(x, mesh)
   if replicate:
     return jax.device_put(x, mesh_lib.replicated(mesh))
   return mesh_lib.host_local_to_global(x, mesh)
 
 
 def _chunked_logps(fn: Callable, params: PyTree, rows: Mapping[str, np.ndarray], feats: jax.Array | None,
-                   chunk_rows: int, mesh: Mesh | None) -> np.ndarray:
+                   chunk_rows: int, mesh: Mesh | None, global_rows: bool = False) -> np.ndarray:
   """fn over consecutive chunks of `chunk_rows` rows (one compiled shape) → [N, C] numpy."""
   n = rows["input_ids"].shape[0]
   keys = ("input_ids", "attention_mask", "position_ids", "loss_mask") + (("image_index",) if feats is not None else ())
   outs = []
   for s in range(0, n, chunk_rows):
     chunk = _take_rows({k: rows[k] for k in keys}, np.arange(s, s + chunk_rows))
-    outs.append(fn(params, _put(chunk, mesh), feats))
-  return np.concatenate([np.asarray(jax.device_get(o)) for o in outs], axis=0)
+    outs.append(fn(params, _put(chunk, mesh, global_rows=global_rows), feats))
+  return np.concatenate(mesh_lib.to_host(outs), axis=0)
 
 
 def _finalize(sums: Mapping[str, float]) -> dict[str, float]:
@@ -495,8 +505,8 @@ def _check_rollout(rollout: RolloutBatch, cfg: GRPOConfig, mesh: Mesh | None) ->
 
 
 def grpo_train_step(state: TrainState, rollout: RolloutBatch, cfg: GRPOConfig, rng: jax.Array, *,
-                    fns: GRPOFunctions, ref_params: PyTree | None = None, mesh: Mesh | None = None
-                    ) -> tuple[TrainState, dict[str, float]]:
+                    fns: GRPOFunctions, ref_params: PyTree | None = None, mesh: Mesh | None = None,
+                    global_rows: bool = False) -> tuple[TrainState, dict[str, float]]:
   """`cfg.ppo_epochs` × `cfg.minibatches` GRPO updates on one rollout batch (module docstring).
 
   Args:
@@ -507,6 +517,9 @@ def grpo_train_step(state: TrainState, rollout: RolloutBatch, cfg: GRPOConfig, r
     fns: `make_grpo_functions(model, cfg, ...)`, built once.
     ref_params: the frozen reference policy; required when cfg.kl_coef > 0.
     mesh: put the rows on this mesh (split over the batch axes, vision inputs replicated).
+    global_rows: every host passes the whole rollout (the pipeline's stages: batches are functions
+      of the step, and the sampler returns all rows to every host); default: each host passes its
+      own rows (`parallel.host_local_to_global`).
 
   Returns:
     (state, metrics) with floats: loss, loss/pg, loss/kl (aggregated over all updates: Σ numerators /
@@ -539,7 +552,8 @@ def grpo_train_step(state: TrainState, rollout: RolloutBatch, cfg: GRPOConfig, r
   feats = ref_feats = None
   vision_inputs: dict[str, Any] = {}
   if rollout.has_images:
-    pv, vision = _put(rollout.pixel_values, mesh, True), _put(rollout.vision, mesh, True)
+    pv = _put(rollout.pixel_values, mesh, True, global_rows)
+    vision = _put(rollout.vision, mesh, True, global_rows)
     if cfg.freeze_vision or recompute:
       feats = fns.encode_images(state.params, pv, vision)
     # A frozen tower's features are constants of the step; a trainable one is re-encoded per update.
@@ -547,11 +561,11 @@ def grpo_train_step(state: TrainState, rollout: RolloutBatch, cfg: GRPOConfig, r
     if cfg.kl_coef > 0:
       ref_feats = fns.encode_images(ref_params, pv, vision)
   if recompute:
-    rows["old_logps"] = _chunked_logps(fns.old_logps, state.params, rows, feats, chunk_rows, mesh)
+    rows["old_logps"] = _chunked_logps(fns.old_logps, state.params, rows, feats, chunk_rows, mesh, global_rows)
   else:
     rows["old_logps"] = np.zeros((n, c_len), np.float32)     # unused: the only update takes old = π_θ
   if cfg.kl_coef > 0:
-    rows["ref_logps"] = _chunked_logps(fns.old_logps, ref_params, rows, ref_feats, chunk_rows, mesh)
+    rows["ref_logps"] = _chunked_logps(fns.old_logps, ref_params, rows, ref_feats, chunk_rows, mesh, global_rows)
   logps_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -564,10 +578,10 @@ def grpo_train_step(state: TrainState, rollout: RolloutBatch, cfg: GRPOConfig, r
       if not mb["loss_mask"].any():
         skipped += 1
         continue
-      state, m = fns.update(state, _put(mb, mesh), vision_inputs, jnp.asarray(first))
+      state, m = fns.update(state, _put(mb, mesh, global_rows=global_rows), vision_inputs, jnp.asarray(first))
       history.append(m)
       first = False
-  history = jax.device_get(history)
+  history = mesh_lib.to_host(history)
   update_s = time.perf_counter() - t0
 
   metrics: dict[str, float] = {"updates": float(len(history)), "skipped_updates": float(skipped),
@@ -587,4 +601,6 @@ def grpo_train_step(state: TrainState, rollout: RolloutBatch, cfg: GRPOConfig, r
     metrics |= {"l2_grads": float(np.mean(grad_norms)), "l2_grads_max": float(np.max(grad_norms)),
                 "l2_updates": float(history[-1]["l2_updates"]), "l2_params": float(history[-1]["l2_params"]),
                 "learning_rate": float(history[-1]["learning_rate"])}
+  # From the state, so a step whose minibatches were all empty still reports them.
+  metrics |= {k: float(v) for k, v in mesh_lib.to_host(nonfinite_counts(state)).items()}
   return state, metrics
