@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import logging
 import os
@@ -26,42 +27,75 @@ DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 LOGGED_ERRORS = 10
 
 
-def iter_rows(path: Path) -> Iterator[tuple[int, int | None, Any]]:
-  """(row index, JSON line number or None, row or DataError) for every row of a data file."""
-  if path.suffix == ".parquet":
-    import pyarrow.parquet as pq  # lazy: pyarrow takes ~0.3 s to import
+def _parse_json(text: str) -> Any:
+  """json.loads, with every way arbitrary text can fail it turned into one ValueError: a bad document
+  (JSONDecodeError), an integer over Python's 4,300-digit limit (ValueError), nesting deeper than the
+  C parser's recursion limit (RecursionError)."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{e.msg} at column {e.colno}") from e
+  except (ValueError, RecursionError) as e:
+    raise ValueError(f"{type(e).__name__}: {str(e)[:120]}") from e
 
-    try:
-      pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
-      raise DataError(path, None, None, "bad_value", f"cannot read parquet file: {e}") from e
-    i = 0
-    for batch in pf.iter_batches(batch_size=64):
-      for row in batch.to_pylist():
-        yield i, None, row
-        i += 1
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, int | None, Any]]:
+  import pyarrow.parquet as pq  # lazy: pyarrow takes ~0.3 s to import
+
+  try:
+    pf = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
+    raise DataError(path, None, None, "bad_value", f"cannot read parquet file: {e}") from e
+  i = 0
+  batches = pf.iter_batches(batch_size=64)
+  while True:
+    try:  # a corrupt page surfaces here, mid-file, as a bare OSError / ArrowInvalid
+      batch = next(batches, None)
+    except Exception as e:
+      raise DataError(path, None, None, "bad_value", f"cannot read parquet file after row {i}: {e}") from e
+    if batch is None:
+      return
+    for row in batch.to_pylist():
+      yield i, None, row
+      i += 1
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, int | None, Any]]:
+  """(row index, JSON line number or None, row or DataError) for every row of a data file.
+
+  JSON lines are split on "\n" only (JSON strings may hold U+2028, NEL, ... unescaped, which
+  `str.splitlines` would split on) and decoded one by one, so a line that is not UTF-8 is one bad row.
+  A UTF-8 byte-order mark at the start of the file is ignored.
+  """
+  if path.suffix == ".parquet":
+    yield from _iter_parquet(path)
     return
   if path.suffix not in (".jsonl", ".json"):
     raise DataError(path, None, None, "bad_value", f"unsupported file type {path.suffix!r}; expected {DATA_SUFFIXES}")
-  text = path.read_text(encoding="utf-8")
-  if path.suffix == ".json" and text.lstrip().startswith("["):
+  data = path.read_bytes()
+  if data.startswith(codecs.BOM_UTF8):
+    data = data[len(codecs.BOM_UTF8):]
+  if path.suffix == ".json" and data.lstrip().startswith(b"["):
     try:
-      rows = json.loads(text)
-    except json.JSONDecodeError as e:
+      rows = _parse_json(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
       raise DataError(path, None, None, "bad_json", f"invalid JSON array: {e}") from e
     for i, row in enumerate(rows):
       yield i, None, row if isinstance(row, dict) else DataError(path, i, None, "bad_json", "row is not a JSON object")
     return
   i = 0
-  for line_no, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
+  for line_no, raw in enumerate(data.split(b"\n"), start=1):
+    if not raw.strip():
       continue
     try:
-      row = json.loads(line)
+      row = _parse_json(raw.decode("utf-8"))
       if not isinstance(row, dict):
         row = DataError(path, i, None, "bad_json", "row is not a JSON object", line=line_no)
-    except json.JSONDecodeError as e:
-      row = DataError(path, i, None, "bad_json", f"invalid JSON: {e.msg} at column {e.colno}", line=line_no)
+    except UnicodeDecodeError as e:
+      row = DataError(path, i, None, "bad_json", f"line is not valid UTF-8 ({e.reason} at byte {e.start})",
+                      line=line_no)
+    except ValueError as e:
+      row = DataError(path, i, None, "bad_json", f"invalid JSON: {e}", line=line_no)
     yield i, line_no, row
     i += 1
 
@@ -118,11 +152,18 @@ class RowContext:
     if PurePath(rel).is_absolute() or os.path.isabs(rel):
       raise self.error(field, "image_outside_root",
                        f"absolute image path {rel!r} refused; give paths relative to the image root {self.image_root}")
+    if "\x00" in rel:
+      raise self.error(field, "bad_image", f"image path {rel[:80]!r} contains a NUL character")
     root = self.image_root.resolve()
-    resolved = (root / rel).resolve()  # follows symlinks
-    if not resolved.is_relative_to(root):
-      raise self.error(field, "image_outside_root", f"image path {rel!r} resolves to {resolved}, outside {root}")
-    if not resolved.is_file():
+    try:
+      resolved = (root / rel).resolve()  # follows symlinks
+      if not resolved.is_relative_to(root):
+        raise self.error(field, "image_outside_root", f"image path {rel!r} resolves to {resolved}, outside {root}")
+      is_file = resolved.is_file()
+    except (OSError, RuntimeError) as e:  # a name too long; a symlink loop (RuntimeError before Python 3.13)
+      detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)[:120]
+      raise self.error(field, "bad_image", f"image path {rel[:80]!r} cannot be resolved: {detail}") from e
+    if not is_file:
       raise self.error(field, "bad_image", f"image file {rel!r} not found under {root}")
     return resolved
 

@@ -140,7 +140,9 @@ def _choice_list(value: Any, ctx: RowContext, field: str) -> list[str] | None:
   if isinstance(value, str):  # MMMU stores options as a Python list literal
     try:
       value = ast.literal_eval(value)
-    except (ValueError, SyntaxError) as e:
+    # literal_eval evaluates no code, but bad literals fail in several ways: "{[]: 1}" is a TypeError,
+    # deep nesting a RecursionError or MemoryError.
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
       raise ctx.error(field, "bad_value", f"options are not a list literal: {value[:80]!r}") from e
   if not isinstance(value, (list, tuple)) or not all(isinstance(c, (str, int, float)) for c in value):
     raise ctx.error(field, "bad_value", f"expected a list of strings, got {type(value).__name__}")
@@ -169,10 +171,17 @@ def _first_image(row: dict, keys: Sequence[str]) -> tuple[Any, str]:
   return None, keys[-1]
 
 
+def _optional_str(row: dict, key: str, ctx: RowContext) -> str | None:
+  value = row.get(key)
+  if value is not None and not isinstance(value, str):
+    raise ctx.error(key, "bad_value", f"expected str, got {type(value).__name__}")
+  return value
+
+
 def _fields_mathvista(row: dict, ctx: RowContext) -> dict:
   choices = _choice_list(row.get("choices"), ctx, "choices")
   question = ctx.require(row, "question", types=(str,))
-  text = row.get("query") or (question + ("\n" + _choices_text(choices) if choices else ""))
+  text = _optional_str(row, "query", ctx) or (question + ("\n" + _choices_text(choices) if choices else ""))
   image, key = _first_image(row, ("decoded_image", "image"))
   answer = str(ctx.require(row, "answer"))
   mc = row.get("question_type") == "multi_choice"
@@ -184,7 +193,7 @@ def _fields_mathvista(row: dict, ctx: RowContext) -> dict:
 
 
 def _fields_mathverse(row: dict, ctx: RowContext) -> dict:
-  text = row.get("query_cot") or ctx.require(row, "question", types=(str,))
+  text = _optional_str(row, "query_cot", ctx) or ctx.require(row, "question", types=(str,))
   meta = row.get("metadata") if isinstance(row.get("metadata"), Mapping) else {}
   image = row.get("image")
   return {"id": ctx.require(row, "sample_index"), "text": text,
@@ -248,7 +257,7 @@ def _eval_row(style: str) -> Callable[[dict, RowContext], Example]:
       declared = f["declared"]
       if declared is None:
         answer_type = infer_answer_type(gold, f["text"])
-      elif declared not in _DECLARED_TYPES:
+      elif not isinstance(declared, str) or declared not in _DECLARED_TYPES:
         raise ctx.error("answer_type", "bad_answer_type", f"unknown answer_type {declared!r}")
       else:
         answer_type = _DECLARED_TYPES[declared]
@@ -257,6 +266,8 @@ def _eval_row(style: str) -> Callable[[dict, RowContext], Example]:
     precision = f["precision"]
     if precision is not None and (isinstance(precision, bool) or not isinstance(precision, (int, float))):
       raise ctx.error("precision", "bad_value", f"expected a number, got {type(precision).__name__}")
+    if precision is not None and not 0 <= precision <= 1000:  # also NaN and ±Infinity, which JSON readers accept
+      raise ctx.error("precision", "bad_value", f"expected a number of decimal places in [0, 1000], got {precision}")
     meta = {"question": f["text"], "format": None, "choices": f["choices"], "answer_text": f["answer"],
             "precision": None if precision is None else int(precision), "category": f["category"],
             "benchmark": style, **{k: v for k, v in f["extra"].items() if v is not None}}
