@@ -10,7 +10,7 @@ cache without a transpose (a [B, T, H, D] cache cost a full transposed copy per 
   "xla"          einsum + masked softmax (default; exact reference on CPU)
   "dot_product"  `jax.nn.dot_product_attention(implementation="xla")`
   "cudnn"        `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on GPU, bf16/f16)
-  "splash"       TPU splash attention; a kernel is registered with `register("splash", fn)`
+  "splash"       TPU splash attention (Pallas), `specs_jax.kernels.splash`, imported by `get("splash")`
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ def register(name: str, fn: AttentionFn) -> None:
 
 
 def get(name: str) -> AttentionFn:
+  if name == "splash" and name not in _REGISTRY:
+    # Lazy: the Pallas TPU modules are imported only when a config asks for the kernel; importing
+    # specs_jax.kernels.splash registers it (off TPU it raises at call time unless interpret mode is on).
+    import specs_jax.kernels.splash  # noqa: F401
   if name not in _REGISTRY:
-    hint = " (the TPU splash kernel is registered by specs_jax.kernels.splash on TPU)" if name == "splash" else ""
-    raise ValueError(f"attention implementation {name!r} is not available{hint}; have {sorted(_REGISTRY)}")
+    raise ValueError(f"attention implementation {name!r} is not available; have {sorted(_REGISTRY)}")
   return _REGISTRY[name]
 
 
