@@ -14,6 +14,16 @@ The optimizer follows what the HF Trainer behind LLaMA-Factory and MM-EUREKA's D
 Frozen parameters (path prefixes, e.g. "visual" as MM-EUREKA's `--freeze_prefix visual`) get
 `optax.set_to_zero()` via `optax.multi_transform`, which stores `optax.MaskedNode()` placeholders for
 them in the Adam moments: no optimizer memory beyond the trainable parameters.
+
+Non-finite updates (docs/reliability.md): the whole optimizer is wrapped in `skip_nonfinite`. An
+update whose loss, gradients or resulting updates hold a NaN or inf is skipped: the params and the
+inner optimizer state (Adam moments, Adam's bias-correction count, the schedule's count) stay as
+they were, bit for bit, and the skip is counted in the optimizer state (`NonFiniteGuardState`,
+checkpointed with it). `TrainState.step` still advances: it counts optimizer *calls*, so the data
+and RNG of a train-loop step stay functions of the step index, while the learning-rate schedule
+is indexed by the updates actually applied, `applied_updates(state)` = step − skipped updates
+(a run with skips reaches the end of its schedule that many updates late). The train loop
+(`stages.common.train_loop`) stops the run after `config.run.max_nonfinite_in_a_row` in a row.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -31,15 +41,20 @@ import optax
 from specs_jax.parallel.sharding import path_str as sharding_path_str
 
 __all__ = [
+    "NonFiniteGuardState",
     "OptimizerConfig",
     "TrainState",
     "accumulate_gradients",
+    "applied_updates",
+    "apply_gradients_checked",
     "create_train_state",
     "decay_mask",
     "freeze_labels",
     "make_optimizer",
     "make_schedule",
+    "nonfinite_counts",
     "param_path",
+    "skip_nonfinite",
     "warmup_steps",
 ]
 
@@ -168,7 +183,8 @@ def freeze_labels(params: PyTree, frozen_prefixes: Sequence[str]) -> PyTree:
 def make_optimizer(
     cfg: OptimizerConfig | Mapping[str, Any], params: PyTree | None = None
 ) -> optax.GradientTransformation:
-  """clip_by_global_norm → AdamW(schedule, decay_mask) on trainable params; zero for frozen ones.
+  """clip_by_global_norm → AdamW(schedule, decay_mask) on trainable params; zero for frozen ones;
+  the whole wrapped in `skip_nonfinite` (a NaN / inf update is skipped and counted).
 
   Args:
     cfg: an OptimizerConfig or a mapping with its fields.
@@ -176,7 +192,8 @@ def make_optimizer(
       A tree of `jax.ShapeDtypeStruct`s (from `jax.eval_shape`) is enough.
 
   Returns:
-    An optax GradientTransformation. Its learning rate at step s is `make_schedule(cfg)(s)`.
+    An optax GradientTransformation(ExtraArgs) whose state is a `NonFiniteGuardState`. Its learning
+    rate at the u-th applied update (0-based) is `make_schedule(cfg)(u)`; skipped updates do not count.
   """
   if not isinstance(cfg, OptimizerConfig):
     cfg = OptimizerConfig.from_mapping(cfg)
@@ -189,7 +206,7 @@ def make_optimizer(
                            weight_decay=cfg.weight_decay, mask=decay_mask))
   tx = optax.chain(*parts)
   if not cfg.frozen_prefixes:
-    return tx
+    return skip_nonfinite(tx)
   if params is None:
     raise ValueError("make_optimizer needs params (or their shapes) when frozen_prefixes is set")
   labels = freeze_labels(params, cfg.frozen_prefixes)
@@ -197,7 +214,62 @@ def make_optimizer(
     raise ValueError(f"frozen_prefixes {cfg.frozen_prefixes} freeze every parameter")
   if "frozen" not in jax.tree.leaves(labels):
     raise ValueError(f"frozen_prefixes {cfg.frozen_prefixes} match no parameter path")
-  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+  return skip_nonfinite(optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels))
+
+
+# -------------------------------------------------------------------------- non-finite updates
+
+class NonFiniteGuardState(NamedTuple):
+  """State of `skip_nonfinite` (the field names of `optax.apply_if_finite`'s state).
+
+  Attributes:
+    notfinite_count: int32 scalar, non-finite updates in a row (0 after a finite one).
+    last_finite: bool scalar, whether the latest update was applied.
+    total_notfinite: int32 scalar, non-finite updates skipped since the state was initialised.
+    inner_state: the wrapped transformation's state (unchanged by a skipped update).
+  """
+  notfinite_count: jax.Array
+  last_finite: jax.Array
+  total_notfinite: jax.Array
+  inner_state: optax.OptState
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`inner`, except that an update with a NaN or inf in it is skipped and counted.
+
+  As `optax.apply_if_finite`, with three differences: it never gives up and applies a non-finite
+  update (the train loop stops the run instead, after `run.max_nonfinite_in_a_row`); it also
+  checks the loss (extra argument `loss=`: a NaN loss can come with finite gradients, e.g. from a
+  term that does not depend on the params) and the updates `inner` produces (finite gradients can
+  still overflow); and the inner state is kept by a select, not a `lax.cond`, so the inner update
+  always runs (the cost of one Adam step).
+
+  update(grads, state, params, loss=None) -> (updates, state): on a skip the updates are zeros and
+  `inner_state` is returned unchanged; `notfinite_count` / `total_notfinite` go up by one.
+  """
+  def init(params: PyTree) -> NonFiniteGuardState:
+    return NonFiniteGuardState(notfinite_count=jnp.zeros((), jnp.int32), last_finite=jnp.asarray(True),
+                               total_notfinite=jnp.zeros((), jnp.int32), inner_state=inner.init(params))
+
+  def update(grads, state: NonFiniteGuardState, params=None, *, loss=None, **extra_args):
+    del extra_args
+    updates, inner_state = inner.update(grads, state.inner_state, params)
+    ok = _all_finite(grads) & _all_finite(updates)
+    if loss is not None:
+      ok = ok & _all_finite(loss)
+    updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
+    inner_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner_state, state.inner_state)
+    in_a_row = jnp.where(ok, 0, state.notfinite_count + 1).astype(jnp.int32)
+    total = jnp.where(ok, state.total_notfinite, state.total_notfinite + 1).astype(jnp.int32)
+    return updates, NonFiniteGuardState(notfinite_count=in_a_row, last_finite=ok, total_notfinite=total,
+                                        inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 # ---------------------------------------------------------------------------------- the state
@@ -207,7 +279,8 @@ class TrainState:
   """Everything a step changes. `tx` is static (not a pytree leaf, not checkpointed).
 
   Attributes:
-    step: int32 scalar, number of optimizer updates applied.
+    step: int32 scalar, number of optimizer updates made, skipped non-finite ones included
+      (`applied_updates` excludes them).
     params: the params pytree.
     opt_state: the optax state of `tx`.
     rng: a PRNG key; steps that sample fold in `step` rather than splitting it.
@@ -218,11 +291,47 @@ class TrainState:
   rng: jax.Array
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
 
-  def apply_gradients(self, grads: PyTree) -> "TrainState":
-    """One optimizer update; returns the new state (step + 1)."""
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    params = optax.apply_updates(self.params, updates)
-    return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
+  def apply_gradients(self, grads: PyTree, loss: jax.Array | None = None) -> "TrainState":
+    """One optimizer update (skipped if non-finite, see `apply_gradients_checked`); step + 1."""
+    return apply_gradients_checked(self, grads, loss)[0]
+
+
+def nonfinite_counts(state: TrainState) -> dict[str, jax.Array]:
+  """{"nonfinite_updates": skipped updates in all, "nonfinite_in_a_row": skipped since the last
+  applied one} (int32 scalars) from the state's `NonFiniteGuardState`; {} for an optimizer built
+  without `skip_nonfinite`."""
+  g = state.opt_state
+  if not isinstance(g, NonFiniteGuardState):
+    return {}
+  return {"nonfinite_updates": g.total_notfinite, "nonfinite_in_a_row": g.notfinite_count}
+
+
+def applied_updates(state: TrainState) -> jax.Array:
+  """Updates actually applied (int32): step − skipped non-finite ones. The schedule's position."""
+  return state.step - nonfinite_counts(state).get("nonfinite_updates", 0)
+
+
+def apply_gradients_checked(state: TrainState, grads: PyTree, loss: jax.Array | None = None
+                            ) -> tuple[TrainState, PyTree, dict[str, jax.Array]]:
+  """One optimizer update; a non-finite one (NaN / inf loss, gradient or update) is skipped.
+
+  Args:
+    state: the train state.
+    grads: gradients, a pytree like state.params.
+    loss: the scalar loss of those gradients, checked too (optional).
+  Returns:
+    (new_state, updates, metrics). new_state.step is state.step + 1 either way. On a skip the
+    params and the inner optimizer state are the input's, bit for bit (selected, not `p + 0`,
+    which would turn −0.0 into +0.0), and updates are zeros. metrics: `nonfinite_counts` of the
+    new state ({} without `skip_nonfinite`, whose optimizer applies whatever it gets).
+  """
+  kw = {"loss": loss} if loss is not None and isinstance(state.opt_state, NonFiniteGuardState) else {}
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **kw)
+  params = optax.apply_updates(state.params, updates)
+  if isinstance(opt_state, NonFiniteGuardState):
+    params = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old), params, state.params)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new, updates, nonfinite_counts(new)
 
 
 def create_train_state(

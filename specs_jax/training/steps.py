@@ -56,8 +56,8 @@ from specs_jax.parallel import sharding as sharding_lib
 from specs_jax.training import dpo, forward, sft
 from specs_jax.training.forward import PAIR_KEYS
 from specs_jax.training.logprobs import sequence_logps
-from specs_jax.training.state import (OptimizerConfig, TrainState, accumulate_gradients, create_train_state,
-                                      make_optimizer, make_schedule)
+from specs_jax.training.state import (OptimizerConfig, TrainState, accumulate_gradients, applied_updates,
+                                      apply_gradients_checked, create_train_state, make_optimizer, make_schedule)
 
 __all__ = [
     "DEFAULT_FROZEN_PREFIXES",
@@ -267,12 +267,14 @@ def _finish_metrics(loss: jax.Array, metrics: dict[str, jax.Array]) -> dict[str,
 
 def _apply(state: TrainState, grads: PyTree, metrics: dict[str, jax.Array],
            schedule: optax.Schedule | None) -> tuple[TrainState, dict[str, jax.Array]]:
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = metrics | {"l2_updates": optax.tree.norm(updates), "l2_params": optax.tree.norm(params)}
+  """The optimizer update; one with a NaN / inf loss or gradient is skipped (params unchanged) and
+  counted (`state.apply_gradients_checked`). The lr is the schedule at the applied-update count."""
+  lr_step = applied_updates(state)
+  new, updates, counts = apply_gradients_checked(state, grads, metrics["loss"])
+  metrics = metrics | counts | {"l2_updates": optax.tree.norm(updates), "l2_params": optax.tree.norm(new.params)}
   if schedule is not None:
-    metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    metrics["learning_rate"] = jnp.asarray(schedule(lr_step), jnp.float32)
+  return new, metrics
 
 
 def _check_divisible(units: int, row_groups: int, micro_batches: int, what: str) -> None:
@@ -346,7 +348,9 @@ def make_dpo_step(
     rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected} (weighted means over real
     pairs), denom (number of real pairs), tokens (real prompt+completion tokens), completion_tokens,
     padded_tokens (rows × L, the positions computed), l2_grads (trainable, before clipping),
-    l2_updates, l2_params, learning_rate (if optimizer given).
+    l2_updates, l2_params, learning_rate (if optimizer given), nonfinite_updates and
+    nonfinite_in_a_row (int32: updates skipped for a NaN / inf loss or gradient, in all and in a
+    row; a skipped step leaves params and moments unchanged, `state.skip_nonfinite`).
   """
   if loss_type not in dpo.LOSS_TYPES:
     raise ValueError(f"loss_type must be one of {dpo.LOSS_TYPES}, got {loss_type!r}")
@@ -420,7 +424,8 @@ def make_sft_step(
 
   Returns:
     step(state, batch) -> (state, metrics) with loss, denom (target tokens or sequences), tokens,
-    completion_tokens, padded_tokens, l2_grads, l2_updates, l2_params, learning_rate (if optimizer given).
+    completion_tokens, padded_tokens, l2_grads, l2_updates, l2_params, learning_rate (if optimizer given),
+    nonfinite_updates, nonfinite_in_a_row (as `make_dpo_step`).
   """
   if mode not in sft.MODES:
     raise ValueError(f"mode must be one of {sft.MODES}, got {mode!r}")

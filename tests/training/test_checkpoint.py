@@ -111,7 +111,7 @@ def test_restore_into_a_sharded_abstract_state(tmp_path, tiny):
   _assert_trees_equal(restored.params, st.params)
   q = restored.params["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
   assert q.sharding.spec == P("fsdp") and len(q.addressable_shards) == 8
-  mu = restored.opt_state.inner_states["trainable"].inner_state[1][0].mu
+  mu = restored.opt_state.inner_state.inner_states["trainable"].inner_state[1][0].mu
   assert mu["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"].sharding.spec == P("fsdp")
 
 
@@ -159,6 +159,6 @@ def test_orbax_handles_masked_optimizer_state(tmp_path):
     ckpt.save(1, st, force=True)
     restored, _, _ = ckpt.restore(1, st)           # a real state works as the target too
   assert jax.tree.structure(restored.opt_state) == jax.tree.structure(st.opt_state)
-  mu = restored.opt_state.inner_states["trainable"].inner_state[1][0].mu
+  mu = restored.opt_state.inner_state.inner_states["trainable"].inner_state[1][0].mu
   assert isinstance(mu["visual"]["b"]["bias"], optax.MaskedNode)
   np.testing.assert_array_equal(mu["model"]["w"]["kernel"], np.zeros((8, 4)))
