@@ -116,6 +116,31 @@ def _scalar(v: Any) -> float | int | None:
   return x if isinstance(x, int) and not isinstance(x, bool) else float(x)
 
 
+def _truncate_after(path: str, step: int) -> None:
+  """Drops the JSONL records of steps after `step` (and a torn last line): a run resumed from the
+  checkpoint of `step` re-does those steps, and the file then holds each step once, as an
+  uninterrupted run's does."""
+  if not os.path.exists(path):
+    return
+  keep, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except ValueError:
+        dropped += 1
+        continue
+      if isinstance(rec, dict) and int(rec.get("step", 0)) > step:
+        dropped += 1
+        continue
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
   """Writes per-step metrics to JSONL, TensorBoard and a tqdm progress bar (process 0 only).
 
@@ -143,6 +168,7 @@ class MetricsLogger:
       return
     os.makedirs(self.workdir, exist_ok=True)
     self.path = os.path.join(self.workdir, filename)
+    _truncate_after(self.path, int(start_step))
     self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter

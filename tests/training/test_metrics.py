@@ -75,3 +75,21 @@ def test_logger_stops_on_nan_naming_the_steps(tmp_path):
       logger.log(5, {"loss": 1.0, "loss/dpo": float("nan")})
   rec = _records(tmp_path / "metrics.jsonl")[-1]
   assert rec["step"] == 5 and math.isnan(rec["loss/dpo"])            # written before raising
+
+
+def test_resumed_logger_replaces_the_steps_it_redoes(tmp_path):
+  """A run killed after step 5 whose last checkpoint is step 3 resumes at 3: the re-done steps 4-5
+  replace the first attempt's rows (and a torn last line is dropped), so the file holds each step once."""
+  log = metrics.MetricsLogger(tmp_path, 8, tensorboard=False, progress=False)
+  for step in range(1, 6):
+    log.log(step, {"loss": float(step)}, step_time=1.0)
+  log.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "lo')  # killed mid-write
+  log = metrics.MetricsLogger(tmp_path, 8, start_step=3, tensorboard=False, progress=False)
+  for step in range(4, 9):
+    log.log(step, {"loss": 10.0 * step}, step_time=1.0)
+  log.close()
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert [r["loss"] for r in rows] == [1.0, 2.0, 3.0, 40.0, 50.0, 60.0, 70.0, 80.0]
