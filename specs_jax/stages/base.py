@@ -103,6 +103,7 @@ def run(config: ml_collections.ConfigDict, wd) -> dict:
     return step_fn(state, common.to_mesh(batch, mesh))
 
   res = common.train_loop(stage, state, int(c.steps), one_step, checkpoint_every=int(c.checkpoint_every),
-                          progress=config.run.progress)
+                          progress=config.run.progress,
+                          max_nonfinite_in_a_row=int(config.run.max_nonfinite_in_a_row))
   common.export(res.state.params, policy, wd.hf("base"))
   return {"steps": res.steps, "examples": len(records), "vocab_size": len(tok)}

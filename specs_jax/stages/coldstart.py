@@ -121,6 +121,7 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
     return step_fn(state, common.to_mesh(collate(common.cycle(encoded, bs, step, config.seed + 43)), mesh))
 
   res = common.train_loop(stage, state, total, one_step, checkpoint_every=int(c.checkpoint_every),
-                          progress=config.run.progress, on_step=lambda s, st, m: hook(s, st.params))
+                          progress=config.run.progress, on_step=lambda s, st, m: hook(s, st.params),
+                          max_nonfinite_in_a_row=int(config.run.max_nonfinite_in_a_row))
   common.export(res.state.params, policy, wd.hf(name))
   return {"steps": res.steps, "pairs": len(encoded), "pairs_over_max_length": too_long, "gf": {METHOD[name]: tracker.history}}

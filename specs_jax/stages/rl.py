@@ -77,6 +77,7 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
       return state, {**{k: v for k, v in batch.metrics.items() if np.ndim(v) == 0}, **metrics}
 
     res = common.train_loop(stage, state, int(c.steps), one_step, checkpoint_every=int(c.checkpoint_every),
-                            progress=config.run.progress)
+                            progress=config.run.progress,
+                            max_nonfinite_in_a_row=int(config.run.max_nonfinite_in_a_row))
   common.export(res.state.params, policy, wd.hf(name))
   return {"steps": res.steps, "source": hf_in}

@@ -18,8 +18,8 @@ One checkpoint is a directory `<step>/` with three items (an `ocp.CheckpointMana
   data    `JsonSave` of the data-iterator state (e.g. `grain` `iterator.get_state()`, JSON-able)
   extra   `JsonSave` of anything else JSON-able (seed, config hash, the RNG implementation name)
 
-Atomicity is Orbax's: a save is written to `<step>.orbax-checkpoint-tmp-<n>/` and renamed to
-`<step>/` only once complete, and the manager lists only finalised steps, so a save cut short
+Atomicity is Orbax's: a save is written to `<step>.orbax-checkpoint-tmp/` (orbax 0.12.8; older
+versions add `-<n>`) and renamed to `<step>/` only once complete, and the manager lists only finalised steps, so a save cut short
 (preemption mid-write) is never restored; `restore_latest` takes the newest complete one.
 Saves are asynchronous (the device→host copy blocks, the file writing does not), so the next
 step may donate the state's buffers right after `save` returns.
