@@ -8,6 +8,7 @@ run time). The config arg is `PRESET[,data_root=DIR]`:
 
   PRESET     the accelerator (`PRESETS` below; default v5p-8): sets the mesh, the attention kernel
              ("splash" on TPU, "cudnn" on GPU) and the micro-batching (`plan_micro_batches`).
+             v4-8, v4-32 (7B) and v6e-8 (7B) do not fit and are refused with the reason.
              The number in a TPU v4 / v5p name counts TensorCores, two per chip, and JAX sees one
              device per chip: v5p-8 is 4 devices, v4-32 is 16. v6e names count chips.
   data_root  where the RL prompt sets live (default /data):
@@ -25,21 +26,18 @@ The paper's numbers (RECIPE.md §1):
 Precision: bfloat16 compute over float32 parameters (the updates at lr 1e-6 are far below bfloat16's
 resolution of a weight, so the master copy stays float32); full rematerialisation; scanned layers.
 
-Micro-batches are from a memory estimate, not a measurement (no accelerator run yet): see
-`plan_micro_batches`. Override any of them with --config.<stage>.micro_batches=N.
+Micro-batches come from the AOT memory plan (docs/scaling.md: the TPU compiler run ahead of time
+for each slice; no accelerator run yet): see `plan_micro_batches`. Override any of them with --config.<stage>.micro_batches=N.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from specs_jax.config_defaults import base_config
 
 DEFAULT_PRESET = "v5p-8"
 DEFAULT_DATA_ROOT = "/data"
-PROMPT_TOKENS = 2048  # prompt budget of a GRPO row in the estimate (text + up to ~1,280 image tokens)
-HBM_USABLE = 0.85     # share of device memory the estimate lets the program use (XLA, fragmentation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,54 +85,43 @@ class MemoryPlan:
   sft: int    # sft_coldstart micro_batches
 
 
-def plan_micro_batches(model: ModelSize, preset: Preset, *, grpo_rows: int, grpo_tokens: int,
-                       dpo_pairs: int, dpo_tokens: int) -> MemoryPlan:
-  """Micro-batches from a back-of-envelope memory estimate (bytes per device):
+# Rows per device per micro-batch that the AOT memory plan measured to fit (docs/scaling.md: the
+# real TPU compiler on each slice's topology; 8xh100 from the 8-device TPU figures), for the model as
+# built (activations not yet constrained to the batch axes, flash attention, remat full, f32 master
+# weights). None: even one row per device does not fit; the message says what does.
+MEASURED_ROWS_PER_DEVICE: dict[float, dict[str, int | None]] = {
+    8.29e9: {"v5p-8": 1, "v5p-64": 1, "8xh100": 1, "v4-8": None, "v4-32": None, "v6e-8": None},   # 7B
+    3.75e9: {"v5p-8": 1, "v5p-64": 1, "8xh100": 1, "v4-8": None, "v4-32": 1, "v6e-8": 1},        # 3B
+}
+DOES_NOT_FIT = {
+    "v4-8": "one row per device does not fit 4 × 32 GiB (7B: 42 GB even with bf16 params; 3B: 33.0 GB "
+            "against 33.0 usable with the activation fix of docs/scaling.md, more as built): use v4-32",
+    "v4-32": "the 7B at one row per device needs ≈28 GB of 30.75 usable only with the activation fix of "
+             "docs/scaling.md; as built it does not fit: use v5p-8 or v5p-64",
+    "v6e-8": "the 7B needs 42 GB (DPO) / 37 GB (GRPO) per device with float32 master weights: use v6e-16 "
+             "or v5p-8 (bf16 master weights would fit but lose the lr-1e-6 updates)",
+}
 
-    state    (4·params + 12·trainable) / devices: float32 params, and float32 grads + Adam m, v
-             for the trainable ones, sharded over every device (fsdp × tensor).
-    row      tokens × (layers·hidden·2 + (6·hidden + 4·intermediate)·2 / tensor): with remat
-             "full" each layer keeps its bfloat16 input; one layer's recompute + backward (q, k, v,
-             out, MLP gate / up / product and their grads, bfloat16) is the transient; tensor
-             parallelism splits the latter, not the former.
 
-  A row is one GRPO sample (prompt + response), one DPO pair is two rows (chosen, rejected), one
-  SFT example one row. Each data-parallel group (devices / tensor) takes as many units as fit in
-  HBM_USABLE·hbm − state, rounded down to a power of two; the micro-batch count is what is left,
-  rounded up to a power of two. The smallest tensor size (1, 2, 4) with which one unit fits is used.
+def plan_micro_batches(model: ModelSize, preset_name: str, preset: Preset, *, grpo_rows: int,
+                       dpo_pairs: int) -> MemoryPlan:
+  """Micro-batches that give every device the measured-to-fit rows per micro-batch
+  (`MEASURED_ROWS_PER_DEVICE`): micro_batches = rows per step / (rows per device × devices); a DPO
+  pair is two rows (chosen, rejected), a GRPO sample and an SFT example one. FSDP over every device
+  (tensor 1). An earlier back-of-envelope estimate planned 2–8 rows per device where the compiler
+  needs about twice its per-row figure (+14.4 GB per 16K-token 7B DPO row): docs/scaling.md.
 
   Raises:
-    ValueError: the training state alone, or one unit per device at tensor 4, does not fit.
+    ValueError: the plan measured that one row per device does not fit this slice.
   """
-  state = (4 * model.params + 12 * model.trainable) / preset.devices
-  free = HBM_USABLE * preset.hbm_bytes - state
-  if free <= 0:
-    raise ValueError(f"the training state alone needs ≈{state / 1e9:.0f} GB per device, more than "
-                     f"{HBM_USABLE:.0%} of the {preset.hbm_bytes / 1e9:.0f} GB each of the {preset.devices} "
-                     "devices have: use a larger slice (more devices) or a smaller model")
-
-  def row_bytes(tokens: int, tensor: int) -> float:
-    return tokens * (model.layers * model.hidden * 2 + (6 * model.hidden + 4 * model.intermediate) * 2 / tensor)
-
-  def micro_batches(units: int, unit_bytes: float, groups: int) -> int | None:
-    per_group = int(free // unit_bytes)
-    if per_group < 1:
-      return None
-    per_group = 2 ** int(math.log2(per_group))
-    return max(1, 2 ** math.ceil(math.log2(units / (per_group * groups))))
-
-  for tensor in (1, 2, 4):
-    groups = preset.devices // tensor
-    m = [micro_batches(grpo_rows, row_bytes(grpo_tokens, tensor), groups),
-         micro_batches(dpo_pairs, 2 * row_bytes(dpo_tokens, tensor), groups),
-         micro_batches(dpo_pairs, row_bytes(dpo_tokens, tensor), groups)]
-    if None not in m:
-      # at least one unit per data-parallel group in every micro-batch
-      return MemoryPlan(tensor, *(min(x, max(1, n // groups)) for x, n in zip(m, (grpo_rows, dpo_pairs,
-                                                                                    dpo_pairs))))
-  raise ValueError(f"one {dpo_tokens}-token DPO pair or {grpo_tokens}-token GRPO row per device does not "
-                   f"fit in the estimate even at tensor=4 ({preset.devices} devices of "
-                   f"{preset.hbm_bytes / 1e9:.0f} GB): use a larger slice or shorter sequences")
+  rows = MEASURED_ROWS_PER_DEVICE.get(model.params, {}).get(preset_name)
+  if rows is None:
+    why = DOES_NOT_FIT.get(preset_name, "no measured plan for this model and slice")
+    raise ValueError(f"{preset_name}: {why} (see docs/scaling.md; use a larger slice, or set the "
+                     "micro_batches yourself with --config.<stage>.micro_batches)")
+  per_step = rows * preset.devices
+  return MemoryPlan(tensor=1, grpo=max(1, grpo_rows // per_step), dpo=max(1, 2 * dpo_pairs // per_step),
+                    sft=max(1, dpo_pairs // per_step))
 
 
 def parse_arg(arg: str | None) -> tuple[str, Preset, str]:
@@ -157,7 +144,7 @@ def parse_arg(arg: str | None) -> tuple[str, Preset, str]:
 
 def get_config(arg: str | None = None, model: ModelSize = QWEN2_5_VL_7B):
   """The paper's recipe for `model` on the preset named in `arg` (module docstring)."""
-  _, preset, data_root = parse_arg(arg)
+  preset_name, preset, data_root = parse_arg(arg)
   c = base_config()
 
   c.model.hf_dir = ""  # required: --config.model.hf_dir=/path/Qwen2.5-VL-7B-Instruct (local HF directory)
@@ -190,9 +177,9 @@ def get_config(arg: str | None = None, model: ModelSize = QWEN2_5_VL_7B):
   c.sft_coldstart.max_length = 16384
   c.sft_coldstart.epochs = 1
 
-  plan = plan_micro_batches(model, preset, grpo_rows=c.final_rl.prompts_per_step * c.final_rl.group_size,
-                            grpo_tokens=PROMPT_TOKENS + c.final_rl.max_response_len,
-                            dpo_pairs=c.coldstart.batch_size, dpo_tokens=c.coldstart.max_length)
+  plan = plan_micro_batches(model, preset_name, preset,
+                            grpo_rows=c.final_rl.prompts_per_step * c.final_rl.group_size,
+                            dpo_pairs=c.coldstart.batch_size)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, plan.tensor
   c.zero_rl.micro_batches = c.final_rl.micro_batches = plan.grpo
   c.coldstart.micro_batches = plan.dpo
