@@ -34,6 +34,7 @@ from specs_jax.data.types import DataError
 from specs_jax.models import qwen2_5_vl
 from specs_jax.processing import image
 from specs_jax.rewards import judge as judge_lib
+from data_readers import read
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -124,14 +125,6 @@ GOOD = {
              "question_type": "multiple-choice", "image_1": "images/ok.png"},
     "generic": {"id": "g1", "question": "Q?", "images": ["images/ok.png"], "answer": "4", "answer_type": "integer"},
 }
-
-
-def read(kind: str, path, on_error: str):
-  if kind in ("rl", "orsta"):
-    return sources.read_rl_prompts(path, on_error=on_error)
-  if kind == "pairs":
-    return sources.read_preference_pairs(path, on_error=on_error)
-  return sources.read_eval_benchmark(path, kind, on_error=on_error)
 
 
 MISTYPED = [  # (reader, changes to the good row (None deletes), field named in the error, reason)

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from specs_jax import rewards
-from specs_jax.data import sources
 from specs_jax.data.types import ERROR_REASONS, DataError
 from specs_jax.processing import image
 from specs_jax.rewards import judge as judge_lib
 from specs_jax.rewards.judge_rules import RuleJudge
 from specs_jax.training import grpo, rollout
+from data_readers import read
 
 
 def fixed(max_examples: int, deadline_ms: int | None = 5000):
@@ -240,14 +240,6 @@ def rows(draw, kind: str) -> dict:
   for key in draw(st.lists(st.sampled_from(sorted(row)), max_size=2, unique=True)):
     del row[key]
   return row
-
-
-def read(kind: str, path, on_error: str):
-  if kind in ("rl", "orsta"):
-    return sources.read_rl_prompts(path, on_error=on_error)
-  if kind == "pairs":
-    return sources.read_preference_pairs(path, on_error=on_error)
-  return sources.read_eval_benchmark(path, kind, on_error=on_error)
 
 
 @pytest.fixture(scope="module")
