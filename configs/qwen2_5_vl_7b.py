@@ -93,6 +93,9 @@ MEASURED_ROWS_PER_DEVICE: dict[float, dict[str, int | None]] = {
     8.29e9: {"v5p-8": 1, "v5p-64": 1, "8xh100": 1, "v4-8": None, "v4-32": None, "v6e-8": None},   # 7B
     3.75e9: {"v5p-8": 1, "v5p-64": 1, "8xh100": 1, "v4-8": None, "v4-32": 1, "v6e-8": 1},        # 3B
 }
+# Prompts per sampler call in the GRPO rollout (× 8 samples; docs/scaling.md, KV cache of 12,288 bf16
+# slots per row): the whole 128-prompt rollout at once would need ≈721 GB (7B) of cache.
+PROMPTS_PER_CALL = {"v5p-8": 32, "v5p-64": 64, "v4-8": 8, "v4-32": 16, "v6e-8": 16, "8xh100": 32}
 DOES_NOT_FIT = {
     "v4-8": "one row per device does not fit 4 × 32 GiB (7B: 42 GB even with bf16 params; 3B: 33.0 GB "
             "against 33.0 usable with the activation fix of docs/scaling.md, more as built): use v4-32",
@@ -164,6 +167,7 @@ def get_config(arg: str | None = None, model: ModelSize = QWEN2_5_VL_7B):
     rl.kl_coef = 0.0
     rl.agg = "token-mean"
     rl.max_response_len = 10240
+    rl.prompts_per_call = PROMPTS_PER_CALL[preset_name]
   c.final_rl.steps = 800
 
   c.coldstart.batch_size = 64

@@ -160,3 +160,10 @@ def test_rl_examples_reads_every_listed_file_and_requires_some(tmp_path):
   c.data.rl_prompts = ()
   with pytest.raises(ValueError, match="needs data.rl_prompts"):
     common.rl_examples(c, "train", 10)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_rollout_is_sampled_in_calls_that_fit(name):
+  c = load(name).get_config("v5p-8")
+  assert c.zero_rl.prompts_per_call == c.final_rl.prompts_per_call == 32
+  assert c.final_rl.prompts_per_step % c.final_rl.prompts_per_call == 0  # one compiled sampler shape

@@ -116,6 +116,7 @@ class GRPOConfig:
     scale_std: divide by the group std (GRPO); False is Dr.GRPO's r − mean_g.
     batch_std: scale by the std over the whole (kept) batch instead of the group (TRL "batch").
     adv_eps: added to the std (1e-6, verl / tunix; MM-EUREKA 1e-9).
+    prompts_per_call: prompts per sampler call in the rollout (0 = all; bounds the KV cache).
     filter_lower, filter_upper: keep groups whose mean accuracy is in [lower, upper] (MM-EUREKA
       0.1 / 0.9); both None disables the filter.
     dynamic_sampling: DAPO refill of dropped groups, at most max_sampling_rounds rounds per step.
@@ -147,6 +148,7 @@ class GRPOConfig:
   scale_std: bool = True
   batch_std: bool = False
   adv_eps: float = 1e-6
+  prompts_per_call: int = 0
   filter_lower: float | None = 0.1
   filter_upper: float | None = 0.9
   dynamic_sampling: bool = False
@@ -227,7 +229,8 @@ class GRPOConfig:
     return dict(n=self.group_size, max_new_tokens=self.max_response_len, temperature=self.temperature,
                 top_p=self.top_p, top_k=self.top_k, filter_bounds=self.filter_bounds,
                 dynamic_sampling=self.dynamic_sampling, max_sampling_rounds=self.max_sampling_rounds,
-                scale_std=self.scale_std, batch_std=self.batch_std, adv_eps=self.adv_eps)
+                scale_std=self.scale_std, batch_std=self.batch_std, adv_eps=self.adv_eps,
+                prompts_per_call=self.prompts_per_call)
 
 
 # ------------------------------------------------------------------------------- the forward

@@ -262,23 +262,32 @@ def _decode(tokenizer: Any, completions: Sequence[np.ndarray], finished: np.ndar
 
 def _sample_round(sampler: SamplerLike, params: Any, items: Sequence[RLPrompt], reward_fn: RewardFn, *, n: int,
                   rng: jax.Array, pad_id: int, tokenizer: Any, prompt_buckets: Buckets,
-                  gen_kwargs: Mapping[str, Any]) -> tuple[list[_Group], dict[str, float]]:
+                  gen_kwargs: Mapping[str, Any], prompts_per_call: int = 0) -> tuple[list[_Group], dict[str, float]]:
   """Samples G completions for each of the B prompts and grades them. Returns the groups and
-  {"sample_s", "reward_s"} plus the reward function's metrics."""
+  {"sample_s", "reward_s"} plus the reward function's metrics. With `prompts_per_call` P > 0 the
+  sampler is called on P prompts at a time (call c with `fold_in(rng, c)`; one call uses `rng`
+  itself), which bounds the KV cache to P·G rows: a 7B rollout of 128 × 8 rows at 12K tokens needs
+  ≈721 GB of cache at once (docs/scaling.md)."""
   t0 = time.perf_counter()
-  prompts = [it.prompt for it in items]
-  length = prompt_buckets(max(len(p.input_ids) for p in prompts), what="longest prompt")
-  ids, mask = pad_prompts_left([p.input_ids for p in prompts], pad_id, length)
-  grids = [np.asarray(p.image_grid_thw, np.int32).reshape(-1, 3) for p in prompts]
-  grid = np.concatenate(grids) if grids else np.zeros((0, 3), np.int32)
-  pv = thw = None
-  if len(grid):
-    pv = np.concatenate([np.asarray(p.pixel_values, np.float32).reshape(-1, p.pixel_values.shape[-1])
-                         for p in prompts if len(p.pixel_values)])
-    thw = grid
-  out = sampler.generate(params, ids, mask, pv, thw, n=n, rng=rng, pad_token_id=pad_id, **gen_kwargs)
-  tokens, lps = np.asarray(out.tokens), np.asarray(out.logprobs, np.float32)
-  lengths, finished = np.asarray(out.lengths), np.asarray(out.finished, bool)
+  length = prompt_buckets(max(len(it.prompt.input_ids) for it in items), what="longest prompt")
+  per_call = prompts_per_call if 0 < prompts_per_call < len(items) else len(items)
+  outs = []
+  for c, start in enumerate(range(0, len(items), per_call)):
+    prompts = [it.prompt for it in items[start:start + per_call]]
+    ids, mask = pad_prompts_left([p.input_ids for p in prompts], pad_id, length)
+    grids = [np.asarray(p.image_grid_thw, np.int32).reshape(-1, 3) for p in prompts]
+    grid = np.concatenate(grids) if grids else np.zeros((0, 3), np.int32)
+    pv = thw = None
+    if len(grid):
+      pv = np.concatenate([np.asarray(p.pixel_values, np.float32).reshape(-1, p.pixel_values.shape[-1])
+                           for p in prompts if len(p.pixel_values)])
+      thw = grid
+    key = rng if per_call == len(items) else jax.random.fold_in(rng, c)
+    outs.append(sampler.generate(params, ids, mask, pv, thw, n=n, rng=key, pad_token_id=pad_id, **gen_kwargs))
+  tokens = np.concatenate([np.asarray(o.tokens) for o in outs])
+  lps = np.concatenate([np.asarray(o.logprobs, np.float32) for o in outs])
+  lengths = np.concatenate([np.asarray(o.lengths) for o in outs])
+  finished = np.concatenate([np.asarray(o.finished, bool) for o in outs])
   if tokens.shape[0] != len(items) * n:
     raise ValueError(f"the sampler returned {tokens.shape[0]} rows for {len(items)} prompts x n={n}")
   completions = [tokens[i, :lengths[i]].astype(np.int32) for i in range(tokens.shape[0])]
@@ -437,6 +446,7 @@ def collect_rollouts(
     patch_buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS,
     image_buckets: Sequence[int] = DEFAULT_IMAGE_BUCKETS,
     sampler_kwargs: Mapping[str, Any] | None = None,
+    prompts_per_call: int = 0,
 ) -> RolloutBatch:
   """Samples, grades, filters and packs one GRPO step's batch (module docstring).
 
@@ -460,6 +470,8 @@ def collect_rollouts(
     prompt_buckets, completion_buckets (default: powers of two up to max_new_tokens), patch_buckets
       (patches per image slot), image_buckets (image slots per batch): static sizes.
     sampler_kwargs: passed on to `sampler.generate` (e.g. gen_buckets, data_sharding).
+    prompts_per_call: sample at most this many prompts (× n rows) per sampler call, to bound the KV
+      cache; 0 = all of them in one call. Keep B a multiple of it, or the last call compiles again.
 
   Returns:
     a RolloutBatch with B·G rows. `metrics` holds rollout/* (reward, format, accuracy means over all
@@ -495,7 +507,8 @@ def collect_rollouts(
   rounds = 0
   while True:
     groups, m = _sample_round(sampler, params, items, reward_fn, n=n, rng=jax.random.fold_in(rng, rounds),
-                              pad_id=pad_id, tokenizer=tokenizer, prompt_buckets=p_buckets, gen_kwargs=gen_kwargs)
+                              pad_id=pad_id, tokenizer=tokenizer, prompt_buckets=p_buckets, gen_kwargs=gen_kwargs,
+                              prompts_per_call=prompts_per_call)
     rounds += 1
     for k, v in m.items():
       extra[k] = extra.get(k, 0.0) + v

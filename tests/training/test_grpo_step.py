@@ -444,3 +444,25 @@ def test_config_validation_and_temperature_guard(mm_rollout):
   cfg = grpo_step.GRPOConfig(group_size=G, prompts_per_step=4, temperature=0.7)
   with pytest.raises(ValueError, match="temperature"):
     grpo_step.grpo_train_step(None, b, cfg, jax.random.key(0), fns=None)
+
+
+def test_rollout_in_several_sampler_calls_equals_one_call(tiny, pad_id):
+  """prompts_per_call bounds the KV cache: 4 prompts with images sampled 2 at a time give the same
+  rows (in order, with each call's own image table) as one call."""
+  model, _ = tiny
+  prompts = _scripted(model.config, [0, 2, 4, 1], image=True)
+  kw = dict(n=G, max_new_tokens=8, rng=jax.random.key(0), pad_id=pad_id, filter_bounds=None,
+            prompt_buckets=PROMPT_BUCKETS)
+  seen = []
+
+  class Recording(ScriptedSampler):
+    def generate(self, params, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, **k):
+      seen.append((input_ids.shape[0], None if image_grid_thw is None else len(image_grid_thw)))
+      return super().generate(params, input_ids, attention_mask, pixel_values, image_grid_thw, **k)
+
+  one = rollout.collect_rollouts(Recording(model.config), None, prompts, accuracy_reward, **kw)
+  two = rollout.collect_rollouts(Recording(model.config), None, prompts, accuracy_reward, prompts_per_call=2, **kw)
+  assert seen == [(4, 4), (2, 2), (2, 2)]
+  for name in ("input_ids", "loss_mask", "advantages", "image_index", "pixel_values"):
+    np.testing.assert_array_equal(getattr(one, name), getattr(two, name), err_msg=name)
+  assert grpo_step.GRPOConfig(prompts_per_call=32).rollout_kwargs()["prompts_per_call"] == 32
