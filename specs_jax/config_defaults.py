@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="cosine", freeze_vision=True, checkpoint_every=50, gf_every=10, gf_examples=64,
       prompt_buckets=[256, 512, 1024, 2048], completion_buckets=[256, 512, 1024, 2048, 4096],
       max_length=16384,  # prompt + response tokens per sequence (LLaMA-Factory cutoff_len; RECIPE.md §1)
+      # "auto" | "true" | "false": run a pair's chosen and rejected completions after one copy of the
+      # prompt (same loss, prompt and image computed once; steps.make_dpo_step). auto = on unless splash.
+      share_prompt="auto",
   ))
   c.sft_coldstart = ml_collections.ConfigDict(dict(
       epochs=2, batch_size=64, micro_batches=1, learning_rate=1e-6, warmup_ratio=0.1, schedule="cosine",

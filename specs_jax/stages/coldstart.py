@@ -78,8 +78,9 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
   buckets = common.fixed_buckets([len(e.prompt.input_ids) for e in encoded], comp,
                                  [e.prompt.image_grid_thw for e in encoded], bs)
 
+  share_prompt = _share_prompt_setting(c.get("share_prompt", "auto")) if is_dpo else None
   if is_dpo:  # reference log-probs of the frozen base, once, stored with the pairs
-    logps_fn = steps_lib.make_logps_fn(policy.model, copies=2)
+    logps_fn = steps_lib.make_logps_fn(policy.model, copies=2, share_prompt=share_prompt)
     ref = []
     for i in range(0, len(encoded), bs):
       chunk = encoded[i:i + bs]
@@ -110,7 +111,7 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
                    state_sharding=shardings)
   if is_dpo:
     step_fn = steps_lib.make_dpo_step(policy.model, opt, beta=float(c.beta), sft_weight=float(c.sft_weight),
-                                      **common_kw)
+                                      share_prompt=share_prompt, **common_kw)
     collate = lambda items: batches_lib.collate_dpo(items, mcfg, buckets, pad, num_pairs=bs)  # noqa: E731
   else:
     step_fn = steps_lib.make_sft_step(policy.model, opt, **common_kw)
@@ -125,3 +126,17 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
                           max_nonfinite_in_a_row=int(config.run.max_nonfinite_in_a_row))
   common.export(res.state.params, policy, wd.hf(name))
   return {"steps": res.steps, "pairs": len(encoded), "pairs_over_max_length": too_long, "gf": {METHOD[name]: tracker.history}}
+
+
+def _share_prompt_setting(value) -> bool | None:
+  """coldstart.share_prompt: "auto" → None (steps.resolve_share_prompt decides), or a boolean."""
+  if isinstance(value, bool):
+    return value
+  v = str(value).strip().lower()
+  if v == "auto":
+    return None
+  if v in ("true", "1", "yes", "on"):
+    return True
+  if v in ("false", "0", "no", "off"):
+    return False
+  raise ValueError(f"coldstart.share_prompt must be auto, true or false, got {value!r}")

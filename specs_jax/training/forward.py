@@ -29,7 +29,7 @@ from specs_jax.parallel import mesh as mesh_lib
 from specs_jax.training.logprobs import token_logprobs_from_hidden
 
 __all__ = ["Forward", "PAIR_KEYS", "ROW_KEYS", "VISION_META_KEYS", "constrain", "gather_image_embeds",
-           "image_sources", "micro_split", "prepare_rows", "select_batch", "to_units"]
+           "image_sources", "micro_split", "pack_units", "prepare_rows", "select_batch", "to_units"]
 
 PyTree = Any
 VISION_META_KEYS = ("pos_h", "pos_w", "window_seg", "full_seg", "token_index")
@@ -116,6 +116,10 @@ class Forward:
 
   model: Qwen2_5_VL
   chunk_size: int
+  share_prompt: bool = False
+  """Pack a unit's copies into one row [prompt | completion_0 | completion_1 | ...] (`pack_units`)
+  so the shared prompt (and its image tokens) runs once; the log-probs are those of the separate
+  rows up to float rounding. Needs copies > 1 and a prompt; ignored otherwise."""
 
   def encode_images(self, visual_params: PyTree, batch: Mapping[str, Any]) -> jax.Array:
     vision = {k: batch["vision"][k] for k in VISION_META_KEYS}
@@ -125,6 +129,8 @@ class Forward:
   def token_logps(self, params: PyTree, mb: Mapping[str, jax.Array], feats: jax.Array | None,
                   prompt_len: int, copies: int) -> tuple[jax.Array, jax.Array]:
     """→ (token log-probs [R, T], completion mask [R, T]) over T = L - max(P-1, 0) - 1 columns."""
+    if self.share_prompt and copies > 1 and prompt_len > 0:
+      return self._packed_token_logps(params, mb, feats, prompt_len, copies)
     cfg = self.model.config
     ids = mb["input_ids"]
     embeds = None
@@ -137,6 +143,59 @@ class Forward:
     logps = token_logprobs_from_hidden(hidden[:, start:-1], lm_head_kernel(params, cfg), targets,
                                        chunk_size=self.chunk_size)
     return logps, mb["completion_mask"][:, start + 1:]
+
+  def _packed_token_logps(self, params, mb, feats, prompt_len: int, copies: int):
+    """`token_logps` with the copies of a unit packed into one row (`pack_units`). The first token
+    of every completion is predicted by the prompt's last position; token j > 0 of copy k by the
+    position before it in copy k's block. Same [R, C] outputs, unit-major, as the unpacked path."""
+    if self.model.config.attention_impl == "splash":
+      raise ValueError("share_prompt needs a dense-mask attention (xla, dot_product, cudnn), not splash")
+    cfg = self.model.config
+    p = prompt_len
+    c = mb["input_ids"].shape[1] - p
+    packed = pack_units(mb, p, copies)
+    embeds = None
+    if feats is not None:
+      embeds = gather_image_embeds(feats, packed["input_ids"], packed["image_src"], cfg.image_token_id,
+                                   feats.shape[0])
+    hidden = self.model.apply({"params": params}, packed["input_ids"], packed["attention_mask"],
+                              position_ids=packed["position_ids"], image_embeds=embeds,
+                              branch_ids=packed["branch_ids"], method="hidden_states")  # [U, P + K·C, D]
+    u, d = hidden.shape[0], hidden.shape[-1]
+    last_prompt = hidden[:, p - 1:p]                                                 # [U, 1, D]
+    blocks = hidden[:, p:].reshape(u, copies, c, d)
+    predictors = jnp.concatenate([jnp.broadcast_to(last_prompt[:, None], (u, copies, 1, d)), blocks[:, :, :-1]],
+                                 axis=2).reshape(u * copies, c, d)
+    targets = mb["input_ids"][:, p:]
+    logps = token_logprobs_from_hidden(predictors, lm_head_kernel(params, cfg), targets, chunk_size=self.chunk_size)
+    return logps, mb["completion_mask"][:, p:]
+
+
+def pack_units(mb: Mapping[str, jax.Array], prompt_len: int, copies: int) -> dict[str, jax.Array]:
+  """Unit-major rows [U·K, P + C] whose K copies share the prompt (columns < P) → one row per unit,
+  [U, P + K·C]: the prompt once, then each copy's completion. Every completion keeps its own
+  position ids (each continues from the prompt), and `branch_ids` (0 prompt, k + 1 copy k) keep
+  copies from attending to each other (`text.causal_mask`), so each copy sees exactly the tokens
+  its own row had. "image_src" (if present) is the prompt's: completions hold no image tokens."""
+  p = prompt_len
+  unit = lambda x: x.reshape(x.shape[0] // copies, copies, *x.shape[1:])  # noqa: E731
+
+  def pack(x):  # [R, L] → [U, P + K·C]
+    u = unit(x)
+    return jnp.concatenate([u[:, 0, :p], u[:, :, p:].reshape(u.shape[0], -1)], axis=1)
+
+  out = {k: pack(mb[k]) for k in ("input_ids", "attention_mask")}
+  pos = mb["position_ids"]                                                      # [3, R, L]
+  pos_u = pos.reshape(3, pos.shape[1] // copies, copies, pos.shape[2])
+  out["position_ids"] = jnp.concatenate([pos_u[:, :, 0, :p], pos_u[:, :, :, p:].reshape(3, pos_u.shape[1], -1)],
+                                        axis=2)
+  if "image_src" in mb:
+    src = unit(mb["image_src"])[:, 0, :p]
+    out["image_src"] = jnp.pad(src, ((0, 0), (0, out["input_ids"].shape[1] - p)))
+  c = mb["input_ids"].shape[1] - p
+  branch = jnp.concatenate([jnp.zeros((p,), jnp.int32), jnp.repeat(jnp.arange(1, copies + 1, dtype=jnp.int32), c)])
+  out["branch_ids"] = jnp.broadcast_to(branch, out["input_ids"].shape)
+  return out
 
 
 def select_batch(batch: Mapping[str, Any], keys: Sequence[str]) -> tuple[dict[str, Any], int]:

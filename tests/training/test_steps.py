@@ -58,8 +58,12 @@ def naive_value_and_grad(tiny):
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
 
-def test_logps_fn_matches_full_forward(tiny, encoded_pairs, logps_fn, pad_id, naive_value_and_grad):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_logps_fn_matches_full_forward(tiny, encoded_pairs, logps_fn, pad_id, naive_value_and_grad, share_prompt):
+  """Both row layouts: a pair's completions packed after one prompt (the default) and separate rows."""
   model, params = tiny
+  if not share_prompt:
+    logps_fn = steps.make_logps_fn(model, share_prompt=False)
   pairs = encoded_pairs[:3]                      # 1 image, no image, 2 images of different sizes
   batch = batches.collate_dpo(pairs, model.config, BUCKETS, pad_id, num_pairs=NUM_PAIRS, require_ref=False)
   (_, want), _ = naive_value_and_grad(params, _naive_inputs(model, batch, pairs))   # rows [c0 c1 c2 pad r0 ...]
@@ -79,7 +83,8 @@ def _assert_grads_close(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale + 1e-9, err_msg=jax.tree_util.keystr(path))
 
 
-def test_grad_accumulation_equals_full_batch_full_model(tiny, ref_pairs, pad_id, naive_value_and_grad):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_grad_accumulation_equals_full_batch_full_model(tiny, ref_pairs, pad_id, naive_value_and_grad, share_prompt):
   """Must-show 2 on the full model: M=2 micro-batches (denominators 2 and 1, because of a padding
   pair) give the gradient of the one big batch, vision tower trainable (the vjp path) or frozen."""
   model, params = tiny
@@ -92,7 +97,8 @@ def test_grad_accumulation_equals_full_batch_full_model(tiny, ref_pairs, pad_id,
 
   def ours(frozen, m):
     return jax.jit(lambda p: steps.dpo_loss_and_grads(model, p, batch, beta=0.1, sft_weight=1.0, micro_batches=m,
-                                                      chunk_size=32, frozen_prefixes=frozen))(params)
+                                                      chunk_size=32, frozen_prefixes=frozen,
+                                                      share_prompt=share_prompt))(params)
 
   # A mean of the two micro-batch means would differ: ((l0 + l2)/2 + l1/1)/2 != (l0 + l1 + l2)/3.
   loss, grads, metrics = ours((), 2)

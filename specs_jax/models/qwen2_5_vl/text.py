@@ -114,12 +114,22 @@ class _ScanLayer(nn.Module):
     return x, (new_cache if use_cache else xs)
 
 
-def causal_mask(kv_mask, q_len: int, cache_index):
-  """[B, 1, S, T] bool: query i (slot cache_index + i) sees key slot j iff j <= slot and kv_mask[b, j]."""
+def causal_mask(kv_mask, q_len: int, cache_index, branch_ids=None):
+  """[B, 1, S, T] bool: query i (slot cache_index + i) sees key slot j iff j <= slot and kv_mask[b, j].
+
+  branch_ids [B, T] (full forward only, S = T): a row packing one shared prefix (branch 0) and
+  several continuations of it (branches 1, 2, ...) one after another; query i then also needs
+  branch[j] == 0 or branch[j] == branch[i], so each continuation sees the prefix and itself only.
+  """
   t_len = kv_mask.shape[-1]
   q_slot = cache_index + jnp.arange(q_len)[:, None]
-  allowed = jnp.arange(t_len)[None, :] <= q_slot  # [S, T]
-  return allowed[None, None] & (kv_mask[:, None, None, :] > 0)
+  allowed = (jnp.arange(t_len)[None, :] <= q_slot)[None, None]  # [1, 1, S, T]
+  if branch_ids is not None:
+    if q_len != t_len:
+      raise ValueError(f"branch_ids need a full forward (queries {q_len} != keys {t_len})")
+    bk = branch_ids[:, None, None, :]
+    allowed = allowed & ((bk == 0) | (bk == branch_ids[:, None, :, None]))
+  return allowed & (kv_mask[:, None, None, :] > 0)
 
 
 class TextModel(nn.Module):
@@ -153,11 +163,13 @@ class TextModel(nn.Module):
     """Tied-embedding logits: hidden @ embed_tokensᵀ."""
     return self.embed_tokens.attend(hidden)
 
-  def __call__(self, inputs_embeds, position_ids, kv_mask, cache=None, cache_index=0):
+  def __call__(self, inputs_embeds, position_ids, kv_mask, cache=None, cache_index=0, branch_ids=None):
     t = self.config.text
     s = inputs_embeds.shape[1]
     cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
-    mask = causal_mask(kv_mask, s, cache_index)
+    if branch_ids is not None and cache is not None:
+      raise ValueError("branch_ids (shared-prefix packing) are for the full forward, not with a KV cache")
+    mask = causal_mask(kv_mask, s, cache_index, branch_ids)
     x = inputs_embeds.astype(self.dtype)
     if self.config.scan_layers:
       if cache is None:
