@@ -8,6 +8,11 @@ forward over the 2B concatenated rows (images given for every row), log-softmax 
 positions, DPO+SFT loss, backward, AdamW step; vision frozen on both sides. The two alternate
 `rounds` times in one process; medians are reported with tokens/s = 2B·L / step time and MFU
 against a float32 matmul peak measured in the same run. One JSON line per figure.
+
+Our side packs each pair's chosen and rejected completions after one copy of the prompt (the
+library default, `steps.make_dpo_step(share_prompt=...)`; `--share-prompt false` measures separate
+rows). tok/s and MFU count the separate rows' tokens and FLOPs on both sides, so with packing ours
+are effective figures for the same pairs.
 """
 
 import argparse
@@ -50,6 +55,7 @@ def main():
   ap.add_argument("--prompt", type=int, default=256)
   ap.add_argument("--completion", type=int, default=256)
   ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--share-prompt", default="auto", choices=("auto", "true", "false"))
   args = ap.parse_args()
 
   import jax
@@ -70,8 +76,9 @@ def main():
 
   # ---- ours
   state, _ = steps.init_train_state(jax.tree.map(lambda x: x.copy(), params), opt, jax.random.key(0))
-  dpo_step = steps.make_dpo_step(model, opt, beta=0.1, sft_weight=1.0)
-  logps_fn = steps.make_logps_fn(model, copies=2)
+  share = None if args.share_prompt == "auto" else args.share_prompt == "true"
+  dpo_step = steps.make_dpo_step(model, opt, beta=0.1, sft_weight=1.0, share_prompt=share)
+  logps_fn = steps.make_logps_fn(model, copies=2, share_prompt=share)
 
   def ours_train():
     nonlocal state
@@ -133,7 +140,8 @@ def main():
     emit(benchmark=what, config=args.config, pairs=b, seq_len=seq, ours_tok_s=round(tokens / to, 1),
          hf_tok_s=round(tokens / th, 1), ratio=round(th / to, 2), ours_s=round(to, 3), hf_s=round(th, 3),
          ours_mfu=round(flops / to / peak, 3), hf_mfu=round(flops / th / peak, 3),
-         matmul_peak_gflops=round(peak / 1e9, 1), compile_s=round(compile_s, 1))
+         matmul_peak_gflops=round(peak / 1e9, 1), compile_s=round(compile_s, 1),
+         share_prompt=steps.resolve_share_prompt(model, share))
 
 
 if __name__ == "__main__":
