@@ -160,7 +160,7 @@ class Forward:
                                    feats.shape[0])
     hidden = self.model.apply({"params": params}, packed["input_ids"], packed["attention_mask"],
                               position_ids=packed["position_ids"], image_embeds=embeds,
-                              branch_ids=packed["branch_ids"], method="hidden_states")  # [U, P + K·C, D]
+                              packing=(p, copies), method="hidden_states")          # [U, P + K·C, D]
     u, d = hidden.shape[0], hidden.shape[-1]
     last_prompt = hidden[:, p - 1:p]                                                 # [U, 1, D]
     blocks = hidden[:, p:].reshape(u, copies, c, d)
@@ -174,9 +174,10 @@ class Forward:
 def pack_units(mb: Mapping[str, jax.Array], prompt_len: int, copies: int) -> dict[str, jax.Array]:
   """Unit-major rows [U·K, P + C] whose K copies share the prompt (columns < P) → one row per unit,
   [U, P + K·C]: the prompt once, then each copy's completion. Every completion keeps its own
-  position ids (each continues from the prompt), and `branch_ids` (0 prompt, k + 1 copy k) keep
-  copies from attending to each other (`text.causal_mask`), so each copy sees exactly the tokens
-  its own row had. "image_src" (if present) is the prompt's: completions hold no image tokens."""
+  position ids (each continues from the prompt), and no copy attends to another: the model
+  runs the rows with `packing=(P, K)` (`text.PackedMask`); `branch_ids` (0 prompt, k + 1 copy k)
+  describe the same mask densely (`text.causal_mask(..., branch_ids)`). Each copy sees exactly the
+  tokens its own row had. "image_src" (if present) is the prompt's: completions hold no image tokens."""
   p = prompt_len
   unit = lambda x: x.reshape(x.shape[0] // copies, copies, *x.shape[1:])  # noqa: E731
 

@@ -147,15 +147,16 @@ class Qwen2_5_VL(nn.Module):
   # ------------------------------------------------------------------ forwards
 
   def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-                    position_ids=None, vision=None, image_embeds=None, branch_ids=None):
-    """Final-norm hidden states [B, L, D] (no LM head). `branch_ids` [B, L]: shared-prefix packing
-    (`text.causal_mask`); the caller gives the continuations their positions in `position_ids`."""
+                    position_ids=None, vision=None, image_embeds=None, packing=None):
+    """Final-norm hidden states [B, L, D] (no LM head). `packing` = (prompt_len, copies): rows are
+    [prompt | copy 1 | ... | copy K] with each copy seeing the prompt and itself only
+    (`text.PackedMask`); the caller gives every copy its positions in `position_ids`."""
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     position_ids, pixel_values, vision = self._prepare(
         input_ids, attention_mask, pixel_values if image_embeds is None else None, image_grid_thw, position_ids, vision)
     x = self.embed(input_ids, pixel_values, vision, image_embeds)
-    hidden, _ = self.model(x, position_ids, attention_mask, branch_ids=branch_ids)
+    hidden, _ = self.model(x, position_ids, attention_mask, packing=packing)
     return hidden
 
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,

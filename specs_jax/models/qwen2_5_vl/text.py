@@ -11,6 +11,7 @@ T = S, cache_index = 0), the prefill, and the one-token decode.
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,9 +61,58 @@ class Attention(nn.Module):
       k_all, v_all, new_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
     else:
       k_all, v_all, new_cache = k, v, None
-    out = attention.get(self.config.attention_impl)(q, k_all, v_all, mask)
+    attend = attention.get(self.config.attention_impl)
+    if isinstance(mask, PackedMask):
+      out = _packed_attention(attend, q, k_all, v_all, mask)
+    else:
+      out = attend(q, k_all, v_all, mask)
     out = dense(t.hidden_size, False, "o_proj", **kw)(out.reshape(b, s, -1))
     return out, new_cache
+
+
+@flax.struct.dataclass
+class PackedMask:
+  """The attention of rows packed as [prompt (P) | copy 1 (C) | ... | copy K (C)] (shared-prefix
+  packing, `training.forward.pack_units`) in blocks: prompt queries against prompt keys [B, 1, P, P],
+  and each copy's queries against [prompt keys | its own keys] [B·K, 1, C, P + C]. The same result
+  as the dense branch mask (`causal_mask(..., branch_ids)`) without computing the blocks it masks
+  whole: K·C·(P + C) + P² scores instead of (P + K·C)²."""
+
+  prompt: jax.Array
+  branch: jax.Array
+  prompt_len: int = flax.struct.field(pytree_node=False)
+  copies: int = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def build(cls, kv_mask, prompt_len: int, copies: int) -> "PackedMask":
+    b, length = kv_mask.shape
+    p, k = prompt_len, copies
+    if p < 1 or (length - p) % k:
+      raise ValueError(f"packed rows of length {length} do not split into a prompt of {p} and {k} equal copies")
+    c = (length - p) // k
+    kv_prompt = kv_mask[:, :p]
+    kv_branch = jnp.concatenate([jnp.repeat(kv_prompt, k, axis=0), kv_mask[:, p:].reshape(b * k, c)], axis=1)
+    allowed = (jnp.arange(p + c)[None, :] < p) | (jnp.arange(p + c)[None, :] - p <= jnp.arange(c)[:, None])
+    return cls(prompt=causal_mask(kv_prompt, p, 0),
+               branch=allowed[None, None] & (kv_branch[:, None, None, :] > 0),
+               prompt_len=p, copies=k)
+
+
+def _packed_attention(attend, q, k, v, mask: PackedMask):
+  """q [B, P + K·C, Hq, D], k/v [B, Hkv, P + K·C, D] → [B, P + K·C, Hq, D] by `PackedMask` blocks."""
+  b, s, hq, d = q.shape
+  hkv = k.shape[1]
+  p, n = mask.prompt_len, mask.copies
+  c = (s - p) // n
+  out_prompt = attend(q[:, :p], k[:, :, :p], v[:, :, :p], mask.prompt)
+
+  def with_prompt(x):  # [B, Hkv, P + K·C, D] → [B·K, Hkv, P + C, D]: each copy's keys after the prompt's
+    shared = jnp.broadcast_to(x[:, None, :, :p], (b, n, hkv, p, d))
+    own = x[:, :, p:].reshape(b, hkv, n, c, d).transpose(0, 2, 1, 3, 4)
+    return jnp.concatenate([shared, own], axis=3).reshape(b * n, hkv, p + c, d)
+
+  out_branch = attend(q[:, p:].reshape(b * n, c, hq, d), with_prompt(k), with_prompt(v), mask.branch)
+  return jnp.concatenate([out_prompt, out_branch.reshape(b, n * c, hq, d)], axis=1)
 
 
 class MLP(nn.Module):
@@ -163,13 +213,18 @@ class TextModel(nn.Module):
     """Tied-embedding logits: hidden @ embed_tokensᵀ."""
     return self.embed_tokens.attend(hidden)
 
-  def __call__(self, inputs_embeds, position_ids, kv_mask, cache=None, cache_index=0, branch_ids=None):
+  def __call__(self, inputs_embeds, position_ids, kv_mask, cache=None, cache_index=0, packing=None):
+    """packing: (prompt_len, copies) for rows packed as [prompt | copy 1 | ... | copy K] (full
+    forward only; attention by `PackedMask` blocks)."""
     t = self.config.text
     s = inputs_embeds.shape[1]
     cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
-    if branch_ids is not None and cache is not None:
-      raise ValueError("branch_ids (shared-prefix packing) are for the full forward, not with a KV cache")
-    mask = causal_mask(kv_mask, s, cache_index, branch_ids)
+    if packing is not None:
+      if cache is not None:
+        raise ValueError("packing (shared-prefix rows) is for the full forward, not with a KV cache")
+      mask = PackedMask.build(kv_mask, *packing)
+    else:
+      mask = causal_mask(kv_mask, s, cache_index)
     x = inputs_embeds.astype(self.dtype)
     if self.config.scan_layers:
       if cache is None:
