@@ -12,7 +12,7 @@ against a float32 matmul peak measured in the same run. One JSON line per figure
 Our side packs each pair's chosen and rejected completions after one copy of the prompt (the
 library default, `steps.make_dpo_step(share_prompt=...)`; `--share-prompt false` measures separate
 rows). tok/s and MFU count the separate rows' tokens and FLOPs on both sides, so with packing ours
-are effective figures for the same pairs.
+are effective figures for the same pairs; `ours_executed_mfu` counts the FLOPs our program runs.
 """
 
 import argparse
@@ -130,8 +130,14 @@ def main():
   tokens = 2 * b * seq
   train_flops = metrics.step_flops(cfg, rows=2 * b, seq_len=seq, num_patches=b * 256, train=True)
   fwd_flops = metrics.step_flops(cfg, rows=2 * b, seq_len=seq, num_patches=b * 256, train=False)
-  for what, ours_fn, hf_fn, flops in (("dpo_train_step", ours_train, hf_train, train_flops),
-                                      ("reference_logps", ours_logps, hf_ref, fwd_flops)):
+  # What our program executes: with packing, B rows of P + 2C tokens (the formula's dense
+  # attention over them slightly overcounts the block attention), else the 2B rows.
+  packed = steps.resolve_share_prompt(model, share)
+  ex_rows, ex_len = (b, p_len + 2 * c_len) if packed else (2 * b, seq)
+  executed = {True: metrics.step_flops(cfg, rows=ex_rows, seq_len=ex_len, num_patches=b * 256, train=True),
+              False: metrics.step_flops(cfg, rows=ex_rows, seq_len=ex_len, num_patches=b * 256, train=False)}
+  for what, ours_fn, hf_fn, flops, ex in (("dpo_train_step", ours_train, hf_train, train_flops, executed[True]),
+                                          ("reference_logps", ours_logps, hf_ref, fwd_flops, executed[False])):
     t_ours, t_hf = [], []
     for _ in range(args.rounds):
       s = time.perf_counter(); hf_fn(); t_hf.append(time.perf_counter() - s)
@@ -140,6 +146,7 @@ def main():
     emit(benchmark=what, config=args.config, pairs=b, seq_len=seq, ours_tok_s=round(tokens / to, 1),
          hf_tok_s=round(tokens / th, 1), ratio=round(th / to, 2), ours_s=round(to, 3), hf_s=round(th, 3),
          ours_mfu=round(flops / to / peak, 3), hf_mfu=round(flops / th / peak, 3),
+         ours_executed_mfu=round(ex / to / peak, 3),
          matmul_peak_gflops=round(peak / 1e9, 1), compile_s=round(compile_s, 1),
          share_prompt=steps.resolve_share_prompt(model, share))
 

@@ -81,6 +81,22 @@ def test_skip_nonfinite_by_hand():
   _assert_bit_identical(st.apply_gradients(nan_g).params, before.params)
 
 
+def test_gradient_whose_square_overflows_is_skipped():
+  """|g| = 1e20 is finite but g² is not: Adam would make the second moment inf and then freeze the
+  weight (update 0 for ever). The guard tests Σ g², so the step is skipped instead."""
+  cfg = state_lib.OptimizerConfig(learning_rate=0.1, schedule="constant", total_steps=10, max_grad_norm=None)
+  params = {"w": jnp.array([1.0, 2.0])}
+  st = state_lib.create_train_state(params, state_lib.make_optimizer(cfg), jax.random.key(0))
+  before = _host(st)
+  s1, upd, m = state_lib.apply_gradients_checked(st, {"w": jnp.array([1e20, 1.0])})
+  assert int(m["nonfinite_updates"]) == 1
+  _assert_bit_identical(s1.params, before.params)
+  _assert_bit_identical(s1.opt_state.inner_state, before.opt_state.inner_state)
+  assert float(optax.tree.norm(upd)) == 0.0
+  s2, _, m = state_lib.apply_gradients_checked(s1, {"w": jnp.array([1e18, 1.0])})   # large but squarable
+  assert int(m["nonfinite_in_a_row"]) == 0 and np.all(np.isfinite(jax.tree.leaves(s2.opt_state)[-1]))
+
+
 def test_schedule_is_indexed_by_applied_updates():
   """Linear warmup 0 → 0.1 over 4 updates: after 2 skipped calls the next update uses lr(0) = 0."""
   cfg = state_lib.OptimizerConfig(learning_rate=0.1, schedule="constant", warmup_steps=4, total_steps=10,
