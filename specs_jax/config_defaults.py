@@ -96,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
       prompt_buckets=[256, 512, 1024, 2048], completion_buckets=[256, 512, 1024, 2048, 4096],
       max_length=16384,  # prompt + response tokens per sequence (LLaMA-Factory cutoff_len; RECIPE.md §1)
       # "auto" | "true" | "false": run a pair's chosen and rejected completions after one copy of the
-      # prompt (same loss, prompt and image computed once; steps.make_dpo_step). auto = on unless splash.
+      # prompt (same loss, prompt and image computed once; steps.make_dpo_step). auto = on for the
+      # xla / dot_product attentions, off for cudnn (unverified on GPU) and splash (unsupported).
       share_prompt="auto",
   ))
   c.sft_coldstart = ml_collections.ConfigDict(dict(

@@ -136,11 +136,14 @@ def _as_opt_config(optimizer: OptimizerConfig | Mapping[str, Any] | None) -> Opt
 
 
 def resolve_share_prompt(model: Qwen2_5_VL, share_prompt: bool | None) -> bool:
-  """None (auto): pack chosen and rejected rows around one shared prompt unless the attention is
-  splash (its kernel takes segment ids, not the packed rows' branch mask)."""
-  splash = model.config.attention_impl == "splash"
+  """None (auto): pack chosen and rejected rows around one shared prompt with the attentions it is
+  tested with ("xla", "dot_product"). Not with "cudnn" unless asked (its boolean-mask path is not
+  verified on a GPU yet) and never with splash (the kernel takes segment ids, not the packed blocks'
+  prefix + own-block masks)."""
+  impl = model.config.attention_impl
+  splash = impl == "splash"
   if share_prompt is None:
-    return not splash
+    return impl in ("xla", "dot_product")
   if share_prompt and splash:
     raise ValueError("share_prompt=True needs a dense-mask attention (xla, dot_product, cudnn), not splash")
   return bool(share_prompt)
@@ -358,7 +361,7 @@ def make_dpo_step(
     share_prompt: run a pair's chosen and rejected completions in one row after a single copy of
       their prompt (`forward.pack_units`): the same loss and gradient up to float rounding, with the
       prompt and its image tokens computed once (DPO step at benchmark config S: 25% fewer decoder
-      tokens). None = on unless the attention is splash (`resolve_share_prompt`).
+      tokens). None = on for the "xla" and "dot_product" attentions (`resolve_share_prompt`).
 
   Returns:
     step(state, batch) -> (new_state, metrics). Metrics (scalars, float32): loss, loss/dpo, loss/sft,

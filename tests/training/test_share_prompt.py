@@ -52,6 +52,8 @@ def test_share_prompt_resolution(tiny):
   model, _ = tiny
   assert steps.resolve_share_prompt(model, None) is True
   assert steps.resolve_share_prompt(model, False) is False
+  cudnn = model.clone(config=model.config.replace(attention_impl="cudnn"))
+  assert steps.resolve_share_prompt(cudnn, None) is False and steps.resolve_share_prompt(cudnn, True) is True
   splash = model.clone(config=model.config.replace(attention_impl="splash"))
   assert steps.resolve_share_prompt(splash, None) is False
   with pytest.raises(ValueError, match="splash"):
