@@ -29,7 +29,8 @@ from specs_jax.parallel import mesh as mesh_lib
 from specs_jax.training.logprobs import token_logprobs_from_hidden
 
 __all__ = ["Forward", "PAIR_KEYS", "ROW_KEYS", "VISION_META_KEYS", "constrain", "gather_image_embeds",
-           "image_sources", "micro_split", "pack_units", "prepare_rows", "select_batch", "to_units"]
+           "check_shared_prompts", "image_sources", "micro_split", "pack_units", "prepare_rows", "select_batch",
+           "to_units"]
 
 PyTree = Any
 VISION_META_KEYS = ("pos_h", "pos_w", "window_seg", "full_seg", "token_index")
@@ -197,6 +198,30 @@ def pack_units(mb: Mapping[str, jax.Array], prompt_len: int, copies: int) -> dic
   branch = jnp.concatenate([jnp.zeros((p,), jnp.int32), jnp.repeat(jnp.arange(1, copies + 1, dtype=jnp.int32), c)])
   out["branch_ids"] = jnp.broadcast_to(branch, out["input_ids"].shape)
   return out
+
+
+def check_shared_prompts(batch: Mapping[str, Any], prompt_len: int, copies: int, row_groups: int) -> None:
+  """Host-side check for `pack_units`: every copy of a unit has the same prompt columns (ids, mask,
+  positions), as `batches.collate_dpo` builds them. Raises ValueError naming the first unit that
+  differs (packing would silently give it the first copy's prompt). Skipped for arrays this process
+  cannot read whole (a multi-host global batch: each host checked its own rows when collating)."""
+  import numpy as np
+
+  arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+  if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in arrays.values()):
+    return
+  for key, x in arrays.items():
+    x = np.asarray(x)
+    if key == "position_ids":
+      x = np.moveaxis(x, 0, 1)                                          # [R, 3, L]
+    b = x.shape[0] // (row_groups * copies)
+    units = x.reshape(row_groups, copies, b, *x.shape[1:])[..., :prompt_len]
+    diff = np.any(units != units[:, :1], axis=tuple(range(3, units.ndim)))   # [G, copies, b]
+    if diff.any():
+      g, c, i = (int(v[0]) for v in np.nonzero(diff))
+      raise ValueError(f"share_prompt: unit {g * b + i} (group {g}, pair {i}) has a different prompt in copy {c} "
+                       f"({key} differs in the first {prompt_len} columns); build DPO batches with "
+                       f"batches.collate_dpo or pass share_prompt=False")
 
 
 def select_batch(batch: Mapping[str, Any], keys: Sequence[str]) -> tuple[dict[str, Any], int]:

@@ -398,6 +398,8 @@ def make_dpo_step(
     if arrays["input_ids"].shape[0] != 2 * pairs:
       raise ValueError(f"DPO batch has {arrays['input_ids'].shape[0]} rows for {pairs} pairs (need 2 per pair)")
     _check_divisible(pairs, row_groups, micro_batches, "pairs")
+    if fwd.share_prompt:
+      forward.check_shared_prompts(arrays, prompt_len, 2, row_groups)
     return run(state, arrays, prompt_len)
 
   step.jitted = jitted  # type: ignore[attr-defined]
@@ -507,6 +509,8 @@ def make_logps_fn(model: Qwen2_5_VL, *, copies: int = 2, row_groups: int = 1, ch
   def fn(params: PyTree, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     arrays, prompt_len = forward.select_batch(batch, ())
     _check_divisible(arrays["input_ids"].shape[0] // copies, row_groups, 1, "units")
+    if fwd.share_prompt and copies > 1:
+      forward.check_shared_prompts(arrays, prompt_len, copies, row_groups)
     return run(params, arrays, prompt_len)
 
   run = _counted(impl, "logps")

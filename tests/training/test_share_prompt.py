@@ -134,3 +134,23 @@ def test_packed_dpo_gradients_with_scan_and_remat(hf_dir, ref_pairs, pad_id, sca
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_s), jax.tree.leaves(grads_p)):
     scale = float(np.max(np.abs(a)))
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale + 1e-9, err_msg=jax.tree_util.keystr(path))
+
+
+def test_copies_with_different_prompts_are_refused(tiny, ref_pairs, pad_id):
+  """Packing gives every copy the first copy's prompt, so a batch whose copies differ there (not
+  one `collate_dpo` builds) is an error naming the pair, before anything runs."""
+  from dpo_fixtures import BUCKETS, NUM_PAIRS, OPT
+
+  from specs_jax.training import batches
+
+  model, params = tiny
+  batch = batches.collate_dpo(ref_pairs[:3], model.config, BUCKETS, pad_id, num_pairs=NUM_PAIRS)
+  p = batch["prompt_len"]
+  bad = dict(batch, input_ids=batch["input_ids"].copy())
+  bad["input_ids"][NUM_PAIRS + 1, p - 1] += 1              # pair 1's rejected row: last prompt token
+  with pytest.raises(ValueError, match=r"unit 1 .*copy 1 \(input_ids"):
+    steps.make_logps_fn(model)(params, bad)
+  with pytest.raises(ValueError, match="unit 1"):
+    steps.make_dpo_step(model, OPT)(None, bad)              # refused before the state is touched
+  steps.make_logps_fn(model, share_prompt=False)(params, bad)   # separate rows: no constraint
+  forward.check_shared_prompts(batch, p, 2, 1)             # the collated batch passes
