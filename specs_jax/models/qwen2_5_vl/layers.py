@@ -40,8 +40,8 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   contracting axis of both of its operands) into the elementwise fusion producing the incoming
   gradient, and that strided loop ran at ~0.3 GB/s: 1.2 s of a 3.3 s DPO step at benchmark
   config S was such copies. Written as `x2.T @ dy2` over [tokens, features] matrices, XLA keeps
-  the transpose a separate, fast copy (DPO step 3.3 → 2.3 s; see benchmarks/RESULTS.md). On TPU
-  and GPU the two forms compile to the same matmuls.
+  the transpose a separate, fast copy (DPO step 3.3 → 2.3 s; see benchmarks/RESULTS.md). The
+  TPU/GPU programs were not compared (no accelerator here); the values are the same everywhere.
   """
   return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
