@@ -7,7 +7,9 @@ and a chosen and a rejected completion; L = prompt + completion. HF side (what T
 forward over the 2B concatenated rows (images given for every row), log-softmax of the completion
 positions, DPO+SFT loss, backward, AdamW step; vision frozen on both sides. The two alternate
 `rounds` times in one process; medians are reported with tokens/s = 2B·L / step time and MFU
-against a float32 matmul peak measured in the same run. One JSON line per figure.
+against a float32 matmul peak measured in the same run. One JSON line per figure. `--warmup`
+untimed alternating rounds come first: the first few calls after compiling run 10-40% slower on
+both sides (allocator and thread-pool warm-up), and one warm-up call left ours' median 10% high.
 
 Our side packs each pair's chosen and rejected completions after one copy of the prompt (the
 library default, `steps.make_dpo_step(share_prompt=...)`; `--share-prompt false` measures separate
@@ -54,7 +56,10 @@ def main():
   ap.add_argument("--pairs", type=int, default=2)
   ap.add_argument("--prompt", type=int, default=256)
   ap.add_argument("--completion", type=int, default=256)
-  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--rounds", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=3,
+                  help="untimed alternating rounds per figure before the timed ones (allocators and "
+                       "thread pools reach steady state; the first rounds after compiling run 10-40%% slow)")
   ap.add_argument("--share-prompt", default="auto", choices=("auto", "true", "false"))
   args = ap.parse_args()
 
@@ -138,6 +143,8 @@ def main():
               False: metrics.step_flops(cfg, rows=ex_rows, seq_len=ex_len, num_patches=b * 256, train=False)}
   for what, ours_fn, hf_fn, flops, ex in (("dpo_train_step", ours_train, hf_train, train_flops, executed[True]),
                                           ("reference_logps", ours_logps, hf_ref, fwd_flops, executed[False])):
+    for _ in range(args.warmup):
+      hf_fn(); ours_fn()
     t_ours, t_hf = [], []
     for _ in range(args.rounds):
       s = time.perf_counter(); hf_fn(); t_hf.append(time.perf_counter() - s)

@@ -50,7 +50,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 
 from specs_jax.models.qwen2_5_vl.model import Qwen2_5_VL, lm_head_kernel
@@ -59,7 +58,8 @@ from specs_jax.training import grpo
 from specs_jax.training.logprobs import token_logprobs_from_hidden
 from specs_jax.training.rollout import RolloutBatch
 from specs_jax.training.state import (OptimizerConfig, TrainState, accumulate_gradients, applied_updates,
-                                      apply_gradients_checked, known_fields, make_schedule, nonfinite_counts)
+                                      apply_gradients_checked, global_norm, known_fields, make_schedule,
+                                      nonfinite_counts)
 from specs_jax.training.steps import effective_frozen_prefixes, merge_params, partition_params
 
 __all__ = [
@@ -88,10 +88,6 @@ ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask", "advanta
 _SUM_KEYS = ("loss", "loss/pg", "loss/kl", "clip_frac", "clip_frac/low", "clip_frac/high", "clip_frac/dual",
              "ppo_kl", "kl", "ratio/mean", "denom", "tokens", "sequences", "entropy", "logp_abs_diff/old",
              "logp_abs_diff/sampler")
-
-
-def _norm(tree: PyTree) -> jax.Array:
-  return optax.tree.norm(tree) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(tree)
 
 
 def compile_counts() -> dict[str, int]:
@@ -411,7 +407,8 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
     lr = jnp.asarray(schedule(applied_updates(state)), jnp.float32)
     state, updates, counts = apply_gradients_checked(state, grads, loss)
     metrics = {k: sums[k] for k in _SUM_KEYS} | counts | {
-        "l2_grads": _norm(g_trainable), "l2_updates": _norm(updates), "l2_params": _norm(state.params),
+        "l2_grads": global_norm(g_trainable), "l2_updates": global_norm(updates),
+        "l2_params": global_norm(state.params),
         "learning_rate": lr}
     return state, metrics
 

@@ -57,7 +57,8 @@ from specs_jax.training import dpo, forward, sft
 from specs_jax.training.forward import PAIR_KEYS
 from specs_jax.training.logprobs import sequence_logps
 from specs_jax.training.state import (OptimizerConfig, TrainState, accumulate_gradients, applied_updates,
-                                      apply_gradients_checked, create_train_state, make_optimizer, make_schedule)
+                                      apply_gradients_checked, create_train_state, global_norm, make_optimizer,
+                                      make_schedule)
 
 __all__ = [
     "DEFAULT_FROZEN_PREFIXES",
@@ -269,7 +270,7 @@ def _loss_and_grads(fwd: forward.Forward, params: PyTree, batch: Mapping[str, An
   g_vis = vjp_fn(g_feats)[0] if vjp_fn is not None else jax.tree.map(jnp.zeros_like, vis_train)
   grads_trainable = {**g_text, **g_vis}
   grads = merge_params(grads_trainable, jax.tree.map(jnp.zeros_like, frozen))
-  metrics = metrics | {"l2_grads": optax.tree.norm(grads_trainable)}
+  metrics = metrics | {"l2_grads": global_norm(grads_trainable)}
   return loss, grads, metrics
 
 
@@ -286,7 +287,7 @@ def _apply(state: TrainState, grads: PyTree, metrics: dict[str, jax.Array],
   counted (`state.apply_gradients_checked`). The lr is the schedule at the applied-update count."""
   lr_step = applied_updates(state)
   new, updates, counts = apply_gradients_checked(state, grads, metrics["loss"])
-  metrics = metrics | counts | {"l2_updates": optax.tree.norm(updates), "l2_params": optax.tree.norm(new.params)}
+  metrics = metrics | counts | {"l2_updates": global_norm(updates), "l2_params": global_norm(new.params)}
   if schedule is not None:
     metrics["learning_rate"] = jnp.asarray(schedule(lr_step), jnp.float32)
   return new, metrics

@@ -139,6 +139,51 @@ def test_grad_clipping_ignores_frozen_grads():
                              [[-0.1]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 10.0])        # below / above max_grad_norm
+@pytest.mark.parametrize("frozen", [(), ("visual",)])
+def test_optimizer_equals_optax_clip_then_adamw(scale, frozen):
+  # make_optimizer passes the norm it computes for the non-finite test down to its clipping
+  # (state.clip_by_global_norm): the updates must be optax's clip_by_global_norm → adamw, applied
+  # to the trainable leaves only, over three steps.
+  params = jax.tree.map(lambda x: x * 0.5, _params())
+  cfg = state.OptimizerConfig(learning_rate=0.01, schedule="constant", weight_decay=0.1, max_grad_norm=1.0,
+                              total_steps=10, frozen_prefixes=frozen)
+  ours = state.make_optimizer(cfg, params)
+  ref = optax.chain(optax.clip_by_global_norm(1.0),
+                    optax.adamw(0.01, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.1, mask=state.decay_mask))
+  train = lambda tree: {k: v for k, v in tree.items() if not (frozen and k == "visual")}  # noqa: E731
+  s_ours, s_ref, p_ours, p_ref = ours.init(params), ref.init(train(params)), params, train(params)
+  keys = iter(jax.random.split(jax.random.key(3), 100))
+  for _ in range(3):
+    grads = jax.tree.map(lambda x: scale * jax.random.normal(next(keys), x.shape), params)
+    u_ours, s_ours = ours.update(grads, s_ours, p_ours)
+    u_ref, s_ref = ref.update(train(grads), s_ref, p_ref)
+    p_ours, p_ref = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_ref, u_ref)
+    for a, b in zip(jax.tree.leaves(train(u_ours)), jax.tree.leaves(u_ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    # Adam's update hardly sees a clip factor; its moments do.
+    for name in ("mu", "nu"):
+      got = optax.tree_utils.tree_get(s_ours, name)
+      for a, b in zip(jax.tree.leaves(train(got)), jax.tree.leaves(optax.tree_utils.tree_get(s_ref, name))):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-12)   # norms summed in another order
+    if frozen:
+      assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u_ours["visual"]))
+
+
+def test_clip_by_global_norm_with_and_without_given_norm():
+  grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[12.0]])}             # norm 13
+  want, _ = optax.clip_by_global_norm(2.0).update(grads, optax.EmptyState())
+  clip = state.clip_by_global_norm(2.0)
+  got, _ = clip.update(grads, clip.init(grads))
+  given, _ = clip.update(grads, clip.init(grads), global_norm=jnp.float32(13.0))
+  for w, g1, g2 in zip(jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(given)):
+    np.testing.assert_allclose(g1, w, rtol=1e-7)
+    np.testing.assert_allclose(g2, w, rtol=1e-7)
+  np.testing.assert_allclose(float(state.global_norm(got)), 2.0, rtol=1e-6)
+  small, _ = clip.update(grads, clip.init(grads), global_norm=jnp.float32(1.0))  # given norm rules
+  np.testing.assert_array_equal(small["a"], grads["a"])
+
+
 # ------------------------------------------------------------------------ gradient accumulation
 
 B, L, D, V, M = 8, 5, 6, 11, 4
