@@ -13,7 +13,9 @@ log-prob pass forced on (`recompute_old_logps=True`; the recipe's 1 × 1 schedul
 steps. One JSON line per figure:
 
 - phase lines ("sample", "reward", "pack", "logps", "update"): seconds, share of the step, and
-  for the model phases tokens/s and MFU against a matmul peak measured in the same run;
+  for the model phases tokens/s and MFU against a matmul peak measured in the same run (both count
+  the B·n separate rows; with `--share-prompt` on, the default, each group's prompt is computed once,
+  so these are effective figures);
 - "step": the total and the phase that dominates;
 - "compile": extra seconds of step 1 over a steady step (jit of sampler, logps and update).
 """
@@ -56,7 +58,8 @@ def _prompts(name: str, b: int, prompt_len: int):
   return out
 
 
-def run(name: str, b: int, n: int, new: int, steps_n: int, prompt_len: int, peak: float, pool) -> None:
+def run(name: str, b: int, n: int, new: int, steps_n: int, prompt_len: int, peak: float, pool,
+        share_prompt: str = "auto") -> None:
   import jax
 
   from specs_jax import sampling
@@ -64,7 +67,8 @@ def run(name: str, b: int, n: int, new: int, steps_n: int, prompt_len: int, peak
 
   _, model, params = build_pair(name)
   cfg = grpo_step.GRPOConfig(group_size=n, prompts_per_step=b, max_response_len=new, learning_rate=1e-6,
-                             filter_lower=None, filter_upper=None, recompute_old_logps=True, chunk_size=128)
+                             filter_lower=None, filter_upper=None, recompute_old_logps=True, chunk_size=128,
+                             share_prompt=share_prompt)
   sampler = sampling.Sampler(model)
   fns = grpo_step.make_grpo_functions(model, cfg)
   state, _ = steps.init_train_state(jax.tree.map(lambda x: x.copy(), params), cfg.optimizer_config(),
@@ -97,7 +101,7 @@ def run(name: str, b: int, n: int, new: int, steps_n: int, prompt_len: int, peak
   }
   toks = {"sample": rows * new, "logps": rows * seq, "update": rows * seq}
   common = dict(benchmark="grpo_step", config=name, prompts=b, n=n, rows=rows, prompt_len=prompt_len,
-                new_tokens=new, steps_timed=steps_n - 1)
+                new_tokens=new, steps_timed=steps_n - 1, share_prompt=fns.copies > 1)
   for p in phases:
     extra = {}
     if p in flops:
@@ -119,6 +123,8 @@ def main() -> None:
   ap.add_argument("--new", default="T:64,S:128", help="new tokens per config, e.g. T:64,S:128")
   ap.add_argument("--prompt_len", type=int, default=128)
   ap.add_argument("--steps", type=int, default=3, help="steps per config; the first compiles")
+  ap.add_argument("--share-prompt", default="auto", choices=("auto", "true", "false"),
+                  help="pack each group's completions after one copy of its prompt (GRPOConfig.share_prompt)")
   args = ap.parse_args()
 
   from specs_jax.rewards import RewardPool
@@ -131,7 +137,8 @@ def main() -> None:
     for name in args.configs.split(","):
       if name not in CONFIGS:
         raise SystemExit(f"unknown config {name!r}; known: {sorted(CONFIGS)}")
-      run(name, args.prompts, args.n, new.get(name, 64), args.steps, args.prompt_len, peak, pool)
+      run(name, args.prompts, args.n, new.get(name, 64), args.steps, args.prompt_len, peak, pool,
+          args.share_prompt)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
       filter_lower=0.1, filter_upper=0.9, dynamic_sampling=False, ppo_epochs=1, minibatches=1, micro_batches=1,
       freeze_vision=True, checkpoint_every=10, format_weight=0.5, accuracy_weight=1.0, reward_workers=2,
       prompts_per_call=0,  # prompts per sampler call (0 = all): bounds the rollout's KV cache
+      # "auto" | "true" | "false": run a group's G completions after one copy of its prompt in the
+      # update and old log-prob passes (grpo_step.GRPOConfig.share_prompt).
+      share_prompt="auto",
   )
   c.zero_rl = ml_collections.ConfigDict(grpo)
   c.final_rl = ml_collections.ConfigDict(grpo)

@@ -16,7 +16,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 
 from specs_jax import data as data_lib
 from specs_jax.eval import hooks
@@ -130,13 +129,4 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
 
 def _share_prompt_setting(value) -> bool | None:
   """coldstart.share_prompt: "auto" → None (steps.resolve_share_prompt decides), or a boolean."""
-  if isinstance(value, bool):
-    return value
-  v = str(value).strip().lower()
-  if v == "auto":
-    return None
-  if v in ("true", "1", "yes", "on"):
-    return True
-  if v in ("false", "0", "no", "off"):
-    return False
-  raise ValueError(f"coldstart.share_prompt must be auto, true or false, got {value!r}")
+  return steps_lib.parse_share_prompt(value, "coldstart.share_prompt")

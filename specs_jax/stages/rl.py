@@ -27,7 +27,7 @@ from specs_jax.training import grpo_step, rollout, steps as steps_lib
 SOURCES = {"zero_rl": None, "final_rl": "coldstart", "sft_final": "sft_coldstart"}
 GRPO_FIELDS = ("group_size", "prompts_per_step", "learning_rate", "temperature", "top_p", "max_response_len",
                "eps_low", "eps_high", "kl_coef", "agg", "filter_lower", "filter_upper", "dynamic_sampling",
-               "ppo_epochs", "minibatches", "micro_batches", "freeze_vision", "prompts_per_call")
+               "ppo_epochs", "minibatches", "micro_batches", "freeze_vision", "prompts_per_call", "share_prompt")
 
 
 def grpo_config(c: ml_collections.ConfigDict) -> grpo_step.GRPOConfig:

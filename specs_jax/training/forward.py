@@ -29,8 +29,8 @@ from specs_jax.parallel import mesh as mesh_lib
 from specs_jax.training.logprobs import token_logprobs_from_hidden
 
 __all__ = ["Forward", "PAIR_KEYS", "ROW_KEYS", "VISION_META_KEYS", "constrain", "gather_image_embeds",
-           "check_shared_prompts", "image_sources", "micro_split", "pack_units", "prepare_rows", "select_batch",
-           "to_units"]
+           "check_shared_prompts", "image_sources", "micro_split", "pack_units", "packed_predictors", "prepare_rows",
+           "select_batch", "to_units"]
 
 PyTree = Any
 VISION_META_KEYS = ("pos_h", "pos_w", "window_seg", "full_seg", "token_index")
@@ -153,7 +153,6 @@ class Forward:
       raise ValueError("share_prompt needs a dense-mask attention (xla, dot_product, cudnn), not splash")
     cfg = self.model.config
     p = prompt_len
-    c = mb["input_ids"].shape[1] - p
     packed = pack_units(mb, p, copies)
     embeds = None
     if feats is not None:
@@ -162,11 +161,7 @@ class Forward:
     hidden = self.model.apply({"params": params}, packed["input_ids"], packed["attention_mask"],
                               position_ids=packed["position_ids"], image_embeds=embeds,
                               packing=(p, copies), method="hidden_states")          # [U, P + K·C, D]
-    u, d = hidden.shape[0], hidden.shape[-1]
-    last_prompt = hidden[:, p - 1:p]                                                 # [U, 1, D]
-    blocks = hidden[:, p:].reshape(u, copies, c, d)
-    predictors = jnp.concatenate([jnp.broadcast_to(last_prompt[:, None], (u, copies, 1, d)), blocks[:, :, :-1]],
-                                 axis=2).reshape(u * copies, c, d)
+    predictors = packed_predictors(hidden, p, copies)
     targets = mb["input_ids"][:, p:]
     logps = token_logprobs_from_hidden(predictors, lm_head_kernel(params, cfg), targets, chunk_size=self.chunk_size)
     return logps, mb["completion_mask"][:, p:]
@@ -198,6 +193,19 @@ def pack_units(mb: Mapping[str, jax.Array], prompt_len: int, copies: int) -> dic
   branch = jnp.concatenate([jnp.zeros((p,), jnp.int32), jnp.repeat(jnp.arange(1, copies + 1, dtype=jnp.int32), c)])
   out["branch_ids"] = jnp.broadcast_to(branch, out["input_ids"].shape)
   return out
+
+
+def packed_predictors(hidden: jax.Array, prompt_len: int, copies: int) -> jax.Array:
+  """Hidden states of `pack_units` rows [U, P + K·C, D] → the states that predict each copy's
+  completion tokens, [U·K, C, D] unit-major: token 0 of every copy is predicted by the prompt's
+  last position, token j > 0 of copy k by the position before it in copy k's block."""
+  u, d = hidden.shape[0], hidden.shape[-1]
+  p = prompt_len
+  c = (hidden.shape[1] - p) // copies
+  last_prompt = hidden[:, p - 1:p]                                                 # [U, 1, D]
+  blocks = hidden[:, p:].reshape(u, copies, c, d)
+  return jnp.concatenate([jnp.broadcast_to(last_prompt[:, None], (u, copies, 1, d)), blocks[:, :, :-1]],
+                         axis=2).reshape(u * copies, c, d)
 
 
 def check_shared_prompts(batch: Mapping[str, Any], prompt_len: int, copies: int, row_groups: int) -> None:

@@ -60,7 +60,9 @@ from specs_jax.training.rollout import RolloutBatch
 from specs_jax.training.state import (OptimizerConfig, TrainState, accumulate_gradients, applied_updates,
                                       apply_gradients_checked, global_norm, known_fields, make_schedule,
                                       nonfinite_counts)
-from specs_jax.training.steps import effective_frozen_prefixes, merge_params, partition_params
+from specs_jax.training import forward
+from specs_jax.training.steps import (effective_frozen_prefixes, merge_params, parse_share_prompt, partition_params,
+                                      resolve_share_prompt)
 
 __all__ = [
     "GRPOConfig",
@@ -132,7 +134,14 @@ class GRPOConfig:
     chunk_size: LM-head positions per chunk in the log-prob computation.
     recompute_old_logps: None = only when a step makes more than one update (module docstring);
       True forces the separate pass (e.g. to log `logp_abs_diff/old`).
-    shuffle: shuffle rows before cutting minibatches (deterministic from the step's rng).
+    shuffle: shuffle rows before cutting minibatches (deterministic from the step's rng); whole
+      groups when the prompt is shared.
+    share_prompt: "auto" (default), True or False: run each group's G completions after one copy of
+      its prompt (`forward.pack_units`, block attention): the prompt and its image tokens are
+      computed once per group instead of G times, in the old log-prob pass and in every update.
+      Same log-probs and gradients. auto = on for the xla / dot_product attentions when every
+      micro-batch holds whole groups (prompts_per_step divisible by minibatches × micro_batches);
+      True raises where that does not hold; never with splash (`steps.resolve_share_prompt`).
   """
 
   group_size: int = 8
@@ -169,8 +178,10 @@ class GRPOConfig:
   chunk_size: int = 256
   recompute_old_logps: bool | None = None
   shuffle: bool = True
+  share_prompt: bool | str | None = "auto"
 
   def __post_init__(self):
+    object.__setattr__(self, "share_prompt", parse_share_prompt(self.share_prompt, "GRPO share_prompt"))
     if self.group_size < 2:
       raise ValueError(f"group_size must be >= 2 (a group of one has no advantage), got {self.group_size}")
     for name in ("prompts_per_step", "max_response_len", "ppo_epochs", "minibatches", "micro_batches",
@@ -249,7 +260,7 @@ def _gather_features(feats: jax.Array, image_index: jax.Array) -> jax.Array:
 
 
 def completion_logps(model: Qwen2_5_VL, params: PyTree, rows: Mapping[str, jax.Array], feats: jax.Array | None,
-                     *, temperature: float, chunk_size: int, compute_entropy: bool = False
+                     *, temperature: float, chunk_size: int, compute_entropy: bool = False, copies: int = 1
                      ) -> tuple[jax.Array, jax.Array | None]:
   """Log-probs (and entropies) of the completion tokens under softmax(logits / temperature).
 
@@ -260,6 +271,8 @@ def completion_logps(model: Qwen2_5_VL, params: PyTree, rows: Mapping[str, jax.A
     feats: [M, D] unique image-token features or None (text only).
     temperature: the sampling temperature.
     chunk_size: LM-head positions per chunk.
+    copies: > 1 packs each run of `copies` consecutive rows (a group: same prompt columns) into one
+      row [prompt | completion 1 | ... | completion K] (`forward.pack_units`); same outputs.
   Returns:
     logps [R, C] float32 (column t: log π(input_ids[:, P+t] | prefix)), entropy [R, C] or None.
   """
@@ -268,10 +281,22 @@ def completion_logps(model: Qwen2_5_VL, params: PyTree, rows: Mapping[str, jax.A
   p_len = length - c_len
   if p_len < 1:
     raise ValueError(f"rows of length {length} leave no prompt column before the {c_len} completion columns")
-  embeds = _gather_features(feats, rows["image_index"]) if feats is not None else None
-  hidden = model.apply({"params": params}, ids, rows["attention_mask"], position_ids=rows["position_ids"],
-                       image_embeds=embeds, method="hidden_states")                 # [R, L, D]
-  out = token_logprobs_from_hidden(hidden[:, p_len - 1:length - 1], lm_head_kernel(params, model.config),
+  if copies > 1:
+    if ids.shape[0] % copies:
+      raise ValueError(f"{ids.shape[0]} rows do not split into groups of {copies}")
+    packed = forward.pack_units(rows, p_len, copies)                                # [U, P + K·C]
+    index = rows["image_index"][::copies] if feats is not None else None             # a group's prompt: once
+    embeds = _gather_features(feats, index) if feats is not None else None
+    hidden = model.apply({"params": params}, packed["input_ids"], packed["attention_mask"],
+                         position_ids=packed["position_ids"], image_embeds=embeds, packing=(p_len, copies),
+                         method="hidden_states")                                     # [U, P + K·C, D]
+    predictors = forward.packed_predictors(hidden, p_len, copies)                    # [R, C, D]
+  else:
+    embeds = _gather_features(feats, rows["image_index"]) if feats is not None else None
+    hidden = model.apply({"params": params}, ids, rows["attention_mask"], position_ids=rows["position_ids"],
+                         image_embeds=embeds, method="hidden_states")               # [R, L, D]
+    predictors = hidden[:, p_len - 1:length - 1]
+  out = token_logprobs_from_hidden(predictors, lm_head_kernel(params, model.config),
                                    ids[:, p_len:], chunk_size=chunk_size, temperature=temperature,
                                    compute_entropy=compute_entropy)
   return out if compute_entropy else (out, None)
@@ -288,34 +313,37 @@ def make_encode_images_fn(model: Qwen2_5_VL) -> Callable[[PyTree, jax.Array, Map
   return fn
 
 
-def make_old_logps_fn(model: Qwen2_5_VL, temperature: float = 1.0, chunk_size: int = 256
+def make_old_logps_fn(model: Qwen2_5_VL, temperature: float = 1.0, chunk_size: int = 256, copies: int = 1
                       ) -> Callable[[PyTree, Mapping[str, jax.Array], jax.Array | None], jax.Array]:
   """Jitted `(params, rows, feats) -> logps [R, C]` float32: completion log-probs under
   softmax(logits / temperature), no gradient — the old (or reference) policy's log-probs.
 
-  `rows` and `feats` as in `completion_logps`. Compiles once per (R, L, C, feats shape).
+  `rows`, `feats` and `copies` (groups packed around their prompt) as in `completion_logps`.
+  Compiles once per (R, L, C, feats shape).
   """
   @jax.jit
   def fn(params, rows, feats):
     _COMPILES["old_logps"] += 1
     log.info("compiling GRPO old_logps: input_ids %s, completion %s", rows["input_ids"].shape,
              rows["loss_mask"].shape)
-    logps, _ = completion_logps(model, params, rows, feats, temperature=temperature, chunk_size=chunk_size)
+    logps, _ = completion_logps(model, params, rows, feats, temperature=temperature, chunk_size=chunk_size,
+                                copies=copies)
     return logps
   return fn
 
 
 # -------------------------------------------------------------------------------- the update
 
-def _micro_split(rows: Mapping[str, jax.Array], m: int, mesh: Mesh | None) -> dict[str, jax.Array]:
+def _micro_split(rows: Mapping[str, jax.Array], m: int, mesh: Mesh | None, copies: int = 1) -> dict[str, jax.Array]:
   """[R, ...] → [M, R/M, ...] (micro-batch j holds rows j, j+M, ...: a strided split, so rows sharded
-  over the batch axes feed every micro-batch); position_ids [3, R, L] → [M, 3, R/M, L]."""
+  over the batch axes feed every micro-batch); position_ids [3, R, L] → [M, 3, R/M, L]. With
+  `copies` > 1 the split is over groups of `copies` consecutive rows, which stay whole and in order."""
   out = {}
   for k, x in rows.items():
     if k == "position_ids":
       x = jnp.moveaxis(x, 1, 0)
     r = x.shape[0]
-    x = jnp.swapaxes(x.reshape(r // m, m, *x.shape[1:]), 0, 1)
+    x = jnp.swapaxes(x.reshape(r // (m * copies), m, copies, *x.shape[1:]), 0, 1).reshape(m, r // m, *x.shape[1:])
     if k == "position_ids":
       x = jnp.moveaxis(x, 2, 1)
     if mesh is not None:
@@ -323,6 +351,23 @@ def _micro_split(rows: Mapping[str, jax.Array], m: int, mesh: Mesh | None) -> di
       x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, mesh_lib.batch_partition_spec(x.shape, mesh, dim)))
     out[k] = x
   return out
+
+
+def packing_copies(model: Qwen2_5_VL, cfg: GRPOConfig) -> int:
+  """G when the update and old log-prob passes pack each group around its prompt
+  (`GRPOConfig.share_prompt`), else 1. Packing needs every micro-batch to hold whole groups:
+  prompts_per_step divisible by minibatches × micro_batches."""
+  if not resolve_share_prompt(model, cfg.share_prompt):
+    return 1
+  split = cfg.minibatches * cfg.micro_batches
+  if cfg.prompts_per_step % split:
+    if cfg.share_prompt:
+      raise ValueError(f"share_prompt=True needs whole groups per micro-batch: prompts_per_step "
+                       f"{cfg.prompts_per_step} does not split into minibatches × micro_batches = {split}")
+    log.info("GRPO share_prompt off: %d prompts do not split into %d micro-batches of whole groups",
+             cfg.prompts_per_step, split)
+    return 1
+  return cfg.group_size
 
 
 def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = None,
@@ -351,6 +396,7 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
     donate: donate the input state's buffers.
   """
   opt_cfg = cfg.optimizer_config()
+  copies = packing_copies(model, cfg)
   frozen_prefixes = effective_frozen_prefixes(opt_cfg, cfg.freeze_vision)
   schedule = make_schedule(opt_cfg)
   norm_length = cfg.norm_length if cfg.norm_length is not None else cfg.max_response_len
@@ -365,7 +411,7 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
     _COMPILES["grpo_update"] += 1
     log.info("compiling GRPO update: input_ids %s, completion %s, vision %s, micro_batches %d",
              rows["input_ids"].shape, rows["loss_mask"].shape, sorted(vision_inputs), cfg.micro_batches)
-    micro = _micro_split(rows, cfg.micro_batches, mesh)
+    micro = _micro_split(rows, cfg.micro_batches, mesh, copies)
     trainable, frozen = partition_params(state.params, frozen_prefixes)
     vis_train = {k: v for k, v in trainable.items() if k[0] == "visual"}
     text_train = {k: v for k, v in trainable.items() if k[0] != "visual"}
@@ -387,7 +433,7 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
       params = merge_params(text_params, vis_train, frozen)
       logps, entropy = completion_logps(model, params, mb, feats if feats is not None else feats_const,
                                         temperature=cfg.temperature, chunk_size=cfg.chunk_size,
-                                        compute_entropy=True)
+                                        compute_entropy=True, copies=copies)
       mask = mb["loss_mask"].astype(jnp.float32)
       # Before the first update π_old = π_θ: taking old from this very forward makes ρ exactly 1.
       old = jnp.where(first, jax.lax.stop_gradient(logps), mb["old_logps"])
@@ -417,26 +463,29 @@ def make_grpo_update(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = 
     if mesh is None:
       raise ValueError("state_sharding needs the mesh it was built for")
     kw["out_shardings"] = (state_sharding, mesh_lib.replicated(mesh))
-  return jax.jit(impl, **kw)
+  update = jax.jit(impl, **kw)
+  update.copies = copies  # type: ignore[attr-defined]
+  return update
 
 
 @dataclasses.dataclass(frozen=True)
 class GRPOFunctions:
   """The jitted functions of one (model, config); build once per stage so that they compile once
-  per bucket."""
+  per bucket. `copies`: G when groups are packed around their prompt (`packing_copies`), else 1."""
 
   encode_images: Callable
   old_logps: Callable
   update: Callable
+  copies: int = 1
 
 
 def make_grpo_functions(model: Qwen2_5_VL, cfg: GRPOConfig, *, mesh: Mesh | None = None,
                         state_sharding: PyTree | None = None, donate: bool = True) -> GRPOFunctions:
   """`make_encode_images_fn`, `make_old_logps_fn` (at cfg.temperature) and `make_grpo_update`."""
+  update = make_grpo_update(model, cfg, mesh=mesh, state_sharding=state_sharding, donate=donate)
   return GRPOFunctions(encode_images=make_encode_images_fn(model),
-                       old_logps=make_old_logps_fn(model, cfg.temperature, cfg.chunk_size),
-                       update=make_grpo_update(model, cfg, mesh=mesh, state_sharding=state_sharding,
-                                               donate=donate))
+                       old_logps=make_old_logps_fn(model, cfg.temperature, cfg.chunk_size, update.copies),
+                       update=update, copies=update.copies)
 
 
 # ------------------------------------------------------------------------------ the train step
@@ -504,6 +553,29 @@ def _check_rollout(rollout: RolloutBatch, cfg: GRPOConfig, mesh: Mesh | None) ->
   return r
 
 
+def _check_packable(rows: Mapping[str, np.ndarray], rollout: RolloutBatch, copies: int, chunk_rows: int) -> None:
+  """Packing groups around their prompt needs groups of `copies` consecutive rows with equal prompt
+  columns, whole in every micro-batch; a rollout that breaks this is an error naming the group."""
+  if rollout.group_size != copies:
+    raise ValueError(f"the GRPO functions pack groups of {copies} but the rollout has group_size "
+                     f"{rollout.group_size}; build them with the rollout's GRPOConfig")
+  if chunk_rows % copies:
+    raise ValueError(f"{chunk_rows} rows per micro-batch do not hold whole groups of {copies}: set "
+                     f"share_prompt=False or make prompts_per_step divisible by minibatches × micro_batches")
+  p = rollout.input_ids.shape[1] - rollout.completion_len
+  for key in ("input_ids", "attention_mask", "position_ids", "image_index"):
+    if key not in rows:
+      continue
+    x = rows[key] if key != "position_ids" else np.moveaxis(rows[key], 0, 1)     # [N, (3,) L]
+    x = x[:, ..., :p] if key != "image_index" else x
+    g = x.reshape(x.shape[0] // copies, copies, *x.shape[1:])
+    bad = np.any(g != g[:, :1], axis=tuple(range(2, g.ndim)))
+    if bad.any():
+      u, k = (int(v[0]) for v in np.nonzero(bad))
+      raise ValueError(f"share_prompt: row {u * copies + k} of group {u} has other prompt columns than the "
+                       f"group's first row ({key}); pass share_prompt=False for such rollouts")
+
+
 def grpo_train_step(state: TrainState, rollout: RolloutBatch, cfg: GRPOConfig, rng: jax.Array, *,
                     fns: GRPOFunctions, ref_params: PyTree | None = None, mesh: Mesh | None = None,
                     global_rows: bool = False) -> tuple[TrainState, dict[str, float]]:
@@ -546,6 +618,9 @@ def grpo_train_step(state: TrainState, rollout: RolloutBatch, cfg: GRPOConfig, r
   if rollout.has_images:
     rows["image_index"] = rollout.image_index
   chunk_rows = r // cfg.micro_batches
+  copies = fns.copies
+  if copies > 1:
+    _check_packable(rows, rollout, copies, chunk_rows)
 
   recompute = cfg.recompute_old_logps if cfg.recompute_old_logps is not None else cfg.updates_per_step > 1
   t0 = time.perf_counter()
@@ -571,8 +646,13 @@ def grpo_train_step(state: TrainState, rollout: RolloutBatch, cfg: GRPOConfig, r
   t0 = time.perf_counter()
   history, skipped, first = [], 0, True
   for epoch in range(cfg.ppo_epochs):
-    perm = (np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n)) if cfg.shuffle
-            else np.arange(n))
+    if not cfg.shuffle:
+      perm = np.arange(n)
+    elif copies > 1:       # whole groups, each in its row order
+      groups = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n // copies))
+      perm = (groups[:, None] * copies + np.arange(copies)).reshape(-1)
+    else:
+      perm = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
     for k in range(cfg.minibatches):
       mb = _take_rows(rows, perm[k * r:(k + 1) * r])
       if not mb["loss_mask"].any():

@@ -150,6 +150,21 @@ def resolve_share_prompt(model: Qwen2_5_VL, share_prompt: bool | None) -> bool:
   return bool(share_prompt)
 
 
+def parse_share_prompt(value: Any, what: str = "share_prompt") -> bool | None:
+  """A config's share_prompt: "auto" or None → None (`resolve_share_prompt` decides), or a boolean
+  (also "true" / "false" / "on" / "off" / "1" / "0")."""
+  if value is None or isinstance(value, bool):
+    return value
+  v = str(value).strip().lower()
+  if v == "auto":
+    return None
+  if v in ("true", "1", "yes", "on"):
+    return True
+  if v in ("false", "0", "no", "off"):
+    return False
+  raise ValueError(f"{what} must be auto, true or false, got {value!r}")
+
+
 def _step_setup(model: Qwen2_5_VL, optimizer, freeze_vision: bool, chunk_size: int, share_prompt: bool | None = False):
   """(frozen prefixes, lr schedule or None, forward helper) shared by the step factories."""
   cfg = _as_opt_config(optimizer)

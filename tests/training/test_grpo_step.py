@@ -265,6 +265,92 @@ def test_update_gradient_equals_naive_full_batch(tiny, mm_rollout):
   assert m["loss"] == pytest.approx(-float(jnp.sum(adv[:, None] * mask) / jnp.sum(mask)), abs=1e-6)
 
 
+def test_shared_prompt_packing_equals_separate_rows(tiny, mm_rollout, multi_run):
+  """GRPO with each group's G completions packed after one copy of its prompt (the default for the
+  xla attention: MULTI packs) against separate rows (share_prompt=False): same old log-probs and
+  same two updates (2 epochs, 2 micro-batches, KL) to float32 rounding. Images are in 3 of the 4
+  prompts (one with two images), so the packed rows take their features from the group's prompt."""
+  model, params = tiny
+  _, b = mm_rollout
+  fns = grpo_step.make_grpo_functions(model, MULTI)
+  assert fns.copies == G                                       # multi_run used the packed path
+  feats = fns.encode_images(params, b.pixel_values, b.vision)
+  packed = np.asarray(fns.old_logps(params, _rows(b), feats))
+  separate = np.asarray(grpo_step.make_old_logps_fn(model, 1.0, chunk_size=8)(params, _rows(b), feats))
+  m = b.completion_mask > 0
+  np.testing.assert_allclose(packed[m], separate[m], atol=2e-5)
+
+  cfg = dataclasses.replace(MULTI, share_prompt=False)
+  fns1 = grpo_step.make_grpo_functions(model, cfg)
+  assert fns1.copies == 1
+  state1, m1 = grpo_step.grpo_train_step(_fresh_state(params, cfg)[0], b, cfg, jax.random.key(2), fns=fns1,
+                                         ref_params=params)
+  state_p, m_p = multi_run
+  for k in ("loss", "loss/pg", "loss/kl", "ppo_kl", "kl", "entropy", "l2_grads", "tokens", "clip_frac"):
+    np.testing.assert_allclose(m_p[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(c)).ravel()
+                          for a, c in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state_p.params))])
+  assert diffs.max() < 0.2 * MULTI.learning_rate, diffs.max()
+  assert np.mean(diffs < 1e-6) > 0.999, np.mean(diffs < 1e-6)
+
+
+def test_shared_prompt_settings_and_refusals(tiny, mm_rollout):
+  model, params = tiny
+  _, b = mm_rollout
+  base = dict(group_size=G, prompts_per_step=4, max_response_len=NEW, filter_lower=None, filter_upper=None,
+              chunk_size=8)
+  # auto: on when micro-batches hold whole groups (4 prompts / (1 × 2)), off when not (4 / 3)
+  assert grpo_step.packing_copies(model, grpo_step.GRPOConfig(**base, micro_batches=2)) == G
+  assert grpo_step.packing_copies(model, grpo_step.GRPOConfig(**base, micro_batches=3)) == 1
+  with pytest.raises(ValueError, match="whole groups"):
+    grpo_step.packing_copies(model, grpo_step.GRPOConfig(**base, micro_batches=3, share_prompt=True))
+  assert grpo_step.GRPOConfig(**base, share_prompt="false").share_prompt is False
+  assert grpo_step.GRPOConfig.from_mapping(base | {"share_prompt": "auto"}).share_prompt is None
+  with pytest.raises(ValueError, match="share_prompt"):
+    grpo_step.GRPOConfig(**base, share_prompt="sometimes")
+  splash = dataclasses.replace(model, config=dataclasses.replace(model.config, attention_impl="splash"))
+  assert grpo_step.packing_copies(splash, grpo_step.GRPOConfig(**base)) == 1
+  with pytest.raises(ValueError, match="splash"):
+    grpo_step.packing_copies(splash, grpo_step.GRPOConfig(**base, share_prompt=True))
+  # a rollout whose group rows do not share the prompt is refused, naming the row
+  cfg = grpo_step.GRPOConfig(**base)
+  fns = grpo_step.make_grpo_functions(model, cfg)
+  ids = b.input_ids.copy()
+  ids[G + 2, b.prompt_len - 1] += 1
+  bad = dataclasses.replace(b, input_ids=ids)
+  with pytest.raises(ValueError, match=r"row 6 of group 1 .*input_ids"):
+    grpo_step.grpo_train_step(_fresh_state(params, cfg)[0], bad, cfg, jax.random.key(0), fns=fns)
+  # functions built for another group size
+  other = grpo_step.GRPOConfig(**(base | {"group_size": 2, "prompts_per_step": 8}))
+  with pytest.raises(ValueError, match="group_size"):
+    grpo_step.grpo_train_step(_fresh_state(params, cfg)[0], b, cfg, jax.random.key(0),
+                              fns=grpo_step.make_grpo_functions(model, other))
+
+
+def test_shared_prompt_shuffles_whole_groups(tiny, mm_rollout):
+  """With packing and 2 minibatches of 2 groups each, every update sees whole groups: its token
+  count is the sum over 2 complete groups' loss masks."""
+  model, params = tiny
+  _, b = mm_rollout
+  cfg = grpo_step.GRPOConfig(group_size=G, prompts_per_step=4, max_response_len=NEW, minibatches=2,
+                             filter_lower=None, filter_upper=None, chunk_size=8, learning_rate=1e-5)
+  fns = grpo_step.make_grpo_functions(model, cfg)
+  assert fns.copies == G
+  per_group = b.loss_mask.reshape(4, G, -1).sum(axis=(1, 2))
+  pair_sums = {float(per_group[i] + per_group[j]) for i in range(4) for j in range(i + 1, 4)}
+  seen = []
+  orig = fns.update
+
+  def spy(state, rows, vision_inputs, first):
+    seen.append(float(np.asarray(rows["loss_mask"]).sum()))
+    return orig(state, rows, vision_inputs, first)
+
+  state, m = grpo_step.grpo_train_step(_fresh_state(params, cfg)[0], b, cfg, jax.random.key(7),
+                                       fns=dataclasses.replace(fns, update=spy))
+  assert m["updates"] == 2 and len(seen) == 2
+  assert all(t in pair_sums for t in seen) and sum(seen) == float(b.loss_mask.sum())
+
+
 # -------------------------------------------------------------------------------- toy problem
 
 def test_toy_grpo_raises_reward_and_compiles_once(tiny, sampler, pad_id):

@@ -175,8 +175,9 @@ def _text_rollout(model, rng: np.random.Generator, prompts: int = 2, g: int = 2,
 
 def test_grpo_update_skips_a_nan_advantage(tiny):
   model, params = tiny
+  # _text_rollout's rows are random (the rows of a group do not share a prompt): separate rows
   cfg = grpo_step.GRPOConfig(group_size=2, prompts_per_step=2, max_response_len=8, learning_rate=1e-3,
-                             filter_lower=None, filter_upper=None, chunk_size=8)
+                             filter_lower=None, filter_upper=None, chunk_size=8, share_prompt=False)
   fns = grpo_step.make_grpo_functions(model, cfg)
   good = _text_rollout(model, np.random.default_rng(0))
   bad_adv = good.advantages.copy()
