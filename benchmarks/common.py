@@ -12,6 +12,12 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+# Before JAX or PyTorch start their thread pools; the same process-wide allocator for both sides.
+from specs_jax import host  # noqa: E402
+
+host.configure_malloc()
 
 import numpy as np  # noqa: E402
 

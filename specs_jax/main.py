@@ -16,6 +16,10 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
+from specs_jax import host
+
+host.configure_malloc()  # before JAX starts its CPU backend (specs_jax/host.py)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, summary, report).")
 _STAGES = flags.DEFINE_list("stages", None, "Stages to run (default: config.run.stages), in pipeline order.")
