@@ -54,13 +54,12 @@ from jax.sharding import Mesh, NamedSharding
 
 from specs_jax.models.qwen2_5_vl.model import Qwen2_5_VL, lm_head_kernel
 from specs_jax.parallel import mesh as mesh_lib
-from specs_jax.training import grpo
+from specs_jax.training import forward, grpo
 from specs_jax.training.logprobs import token_logprobs_from_hidden
 from specs_jax.training.rollout import RolloutBatch
 from specs_jax.training.state import (OptimizerConfig, TrainState, accumulate_gradients, applied_updates,
                                       apply_gradients_checked, global_norm, known_fields, make_schedule,
                                       nonfinite_counts)
-from specs_jax.training import forward
 from specs_jax.training.steps import (effective_frozen_prefixes, merge_params, parse_share_prompt, partition_params,
                                       resolve_share_prompt)
 
