@@ -14,9 +14,10 @@ variables `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=21474836
 The cost: the process keeps up to its peak heap (like a caching allocator) instead of unmapping
 freed buffers, and `memalign`'s alignment slack keeps a freed block from fitting the next request
 of the same size until neighbours coalesce: a loop that reallocates one 64 MB buffer grew the heap
-by 8 such blocks before it reused them (the DPO step at S settled within 4 steps). Entry points call it (`specs_jax.main`, `benchmarks/`); library code never does.
-It must run before JAX starts its CPU backend (the worker threads pick their arena when they first
-allocate). `SPECS_JAX_MALLOC_TUNING=0` turns it off; on anything but Linux with glibc it does nothing.
+by 6-16 such blocks before it reused them (the DPO step at S settled within 4 steps).
+
+Entry points call it (`specs_jax.main`, `benchmarks/`); library code never does. It must run
+before JAX starts its CPU backend (the worker threads pick their arena when they first allocate). `SPECS_JAX_MALLOC_TUNING=0` turns it off; on anything but Linux with glibc it does nothing.
 """
 
 from __future__ import annotations

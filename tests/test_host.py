@@ -14,10 +14,8 @@ applied = host.configure_malloc()
 import jax, jax.numpy as jnp
 x = jnp.ones((16, 1024, 1024))                     # 64 MB: above glibc's 32 MB mmap threshold
 f = jax.jit(lambda x: jnp.sin(x) * 2 + 1)
-for _ in range(12):                                # the heap settles (measured: after 8 calls)
-  f(x).block_until_ready()
 faults = []
-for _ in range(3):
+for _ in range(60):                                # the heap settles first (measured: within 6-16 calls)
   r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
@@ -36,10 +34,10 @@ def _probe(env_value):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_configure_malloc_stops_page_faults_on_repeated_calls():
   """A jitted call whose 64 MB output is freed and allocated again: with the tuning the memory is
-  reused once the heap has settled (no page faults); without it every call faults the 16k pages in
-  again (measured 16,385)."""
+  reused once the heap has settled (no page faults in the last 10 of 60 calls; in 6 runs it settled
+  after 6-16 calls); without it every call faults the 16k pages in again (measured 16,385)."""
   on, off = _probe("1"), _probe("0")
   assert on["applied"] is True and off["applied"] is False
   pages = 16 * 1024 * 1024 * 4 // 4096
-  assert max(on["faults"]) < pages // 100, on
-  assert min(off["faults"]) > pages // 2, off
+  assert max(on["faults"][-10:]) < pages // 100, on["faults"]
+  assert min(off["faults"][-10:]) > pages // 2, off["faults"]
