@@ -17,7 +17,8 @@ of the same size until neighbours coalesce: a loop that reallocates one 64 MB bu
 by 6-16 such blocks before it reused them (the DPO step at S settled within 4 steps).
 
 Entry points call it (`specs_jax.main`, `benchmarks/`); library code never does. It must run
-before JAX starts its CPU backend (the worker threads pick their arena when they first allocate). `SPECS_JAX_MALLOC_TUNING=0` turns it off; on anything but Linux with glibc it does nothing.
+before JAX starts its CPU backend (the worker threads pick their arena when they first allocate).
+`SPECS_JAX_MALLOC_TUNING=0` turns it off; on anything but Linux with glibc it does nothing.
 """
 
 from __future__ import annotations
