@@ -381,8 +381,8 @@ def apply_gradients_checked(state: TrainState, grads: PyTree, loss: jax.Array | 
     loss: the scalar loss of those gradients, checked too (optional).
   Returns:
     (new_state, updates, metrics). new_state.step is state.step + 1 either way. On a skip the
-    params and the inner optimizer state are the input's, bit for bit (selected, not `p + 0`,
-    which would turn −0.0 into +0.0), and updates are zeros. metrics: `nonfinite_counts` of the
+    params and the inner optimizer state are the input's, bit for bit (kept by a `lax.cond`, not
+    `p + 0`, which would turn −0.0 into +0.0), and updates are zeros. metrics: `nonfinite_counts` of the
     new state ({} without `skip_nonfinite`, whose optimizer applies whatever it gets).
   """
   kw = {"loss": loss} if loss is not None and isinstance(state.opt_state, NonFiniteGuardState) else {}
