@@ -77,7 +77,9 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
   buckets = common.fixed_buckets([len(e.prompt.input_ids) for e in encoded], comp,
                                  [e.prompt.image_grid_thw for e in encoded], bs)
 
-  share_prompt = _share_prompt_setting(c.get("share_prompt", "auto")) if is_dpo else None
+  share_prompt = None
+  if is_dpo:
+    share_prompt = steps_lib.parse_share_prompt(c.get("share_prompt", "auto"), "coldstart.share_prompt")
   if is_dpo:  # reference log-probs of the frozen base, once, stored with the pairs
     logps_fn = steps_lib.make_logps_fn(policy.model, copies=2, share_prompt=share_prompt)
     ref = []
@@ -126,7 +128,3 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
   common.export(res.state.params, policy, wd.hf(name))
   return {"steps": res.steps, "pairs": len(encoded), "pairs_over_max_length": too_long, "gf": {METHOD[name]: tracker.history}}
 
-
-def _share_prompt_setting(value) -> bool | None:
-  """coldstart.share_prompt: "auto" → None (steps.resolve_share_prompt decides), or a boolean."""
-  return steps_lib.parse_share_prompt(value, "coldstart.share_prompt")

@@ -60,13 +60,13 @@ def test_share_prompt_resolution(tiny):
     steps.resolve_share_prompt(splash, True)
 
 
-def test_coldstart_setting_parses():
-  from specs_jax.stages import coldstart
-
-  assert coldstart._share_prompt_setting("auto") is None
-  assert coldstart._share_prompt_setting("False") is False and coldstart._share_prompt_setting(True) is True
-  with pytest.raises(ValueError, match="share_prompt"):
-    coldstart._share_prompt_setting("sometimes")
+def test_config_setting_parses():
+  """coldstart.share_prompt and the GRPO config both go through steps.parse_share_prompt."""
+  assert steps.parse_share_prompt("auto") is None and steps.parse_share_prompt(None) is None
+  assert steps.parse_share_prompt("False") is False and steps.parse_share_prompt(True) is True
+  assert steps.parse_share_prompt(" on ") is True
+  with pytest.raises(ValueError, match="coldstart.share_prompt"):
+    steps.parse_share_prompt("sometimes", "coldstart.share_prompt")
 
 
 @pytest.mark.parametrize("copies", [2, 3])
