@@ -78,9 +78,8 @@ def run(config: ml_collections.ConfigDict, wd, name: str) -> dict:
                                  [e.prompt.image_grid_thw for e in encoded], bs)
 
   share_prompt = None
-  if is_dpo:
-    share_prompt = steps_lib.parse_share_prompt(c.get("share_prompt", "auto"), "coldstart.share_prompt")
   if is_dpo:  # reference log-probs of the frozen base, once, stored with the pairs
+    share_prompt = steps_lib.parse_share_prompt(c.get("share_prompt", "auto"), "coldstart.share_prompt")
     logps_fn = steps_lib.make_logps_fn(policy.model, copies=2, share_prompt=share_prompt)
     ref = []
     for i in range(0, len(encoded), bs):
