@@ -11,7 +11,9 @@ import pytest
 
 from mm_inputs import hf_batch, hf_logits, random_image
 from specs_jax.models import qwen2_5_vl
+from specs_jax.models.qwen2_5_vl import rope as rope_lib
 from specs_jax.models.qwen2_5_vl import text as text_lib
+from specs_jax.models.qwen2_5_vl import vision as vision_lib
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data_files", "qwen2_5_vl")
 
@@ -187,6 +189,41 @@ def test_incremental_decoding_matches_full_forward(jax_model, mm_batch):
   # decode positions for new tokens follow the rope delta: n_real + delta
   n_real = mask.sum(-1)
   np.testing.assert_array_equal(prep.position_ids[0, np.arange(b), length - 1] + 1, n_real + prep.rope_deltas)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_materialized_rope_tables_are_exact(dtype):
+  """The identity product that makes XLA compute the rope tables once changes no bit."""
+  pos = np.random.default_rng(0).integers(0, 5000, size=(3, 2, 40))
+  cos, sin = rope_lib.mrope_cos_sin(pos, 64, 1e6, [8, 12, 12], dtype)
+  mc, ms = jax.jit(rope_lib.materialize_tables)(cos, sin)
+  assert mc.dtype == dtype and ms.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(mc, np.float32), np.asarray(cos, np.float32))
+  np.testing.assert_array_equal(np.asarray(ms, np.float32), np.asarray(sin, np.float32))
+
+
+def test_rope_tables_computed_once_per_forward(jax_model, mm_batch, monkeypatch):
+  """On CPU the compiled forward + backward evaluates each table's cos/sin once (text and vision)
+  instead of once per layer, head and pass; one-position (decode) tables are left alone."""
+  model, params = jax_model
+  ids, mask = mm_batch["input_ids"], mm_batch["attention_mask"]
+  prep = qwen2_5_vl.prepare_inputs(model.config, ids, mask, mm_batch["image_grid_thw"], slot_size="auto",
+                                   pixel_values=mm_batch["pixel_values"])
+
+  def loss(p):
+    return jnp.sum(model.apply({"params": p}, ids, mask, pixel_values=prep.pixel_values,
+                               position_ids=prep.position_ids, vision=prep.vision) ** 2)
+
+  def transcendentals():
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    return hlo.count(" sine("), hlo.count(" cosine(")
+
+  assert rope_lib.worth_materializing(ids.shape[1]) and not rope_lib.worth_materializing(1)
+  assert transcendentals() == (2, 2)  # one text table, one vision table
+  for module in (text_lib, vision_lib):
+    monkeypatch.setattr(module, "worth_materializing", lambda n: False)
+  duplicated = transcendentals()
+  assert duplicated[0] > 4 and duplicated[1] > 4, duplicated  # what the identity product prevents
 
 
 def test_bfloat16_close_to_float32(hf_dir, jax_model, mm_batch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -276,6 +277,28 @@ def vision_cos_sin(pos_h, pos_w, head_dim: int, theta: float):
   f = jnp.concatenate([fh, fw], axis=-1)
   emb = jnp.concatenate([f, f], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
+
+
+def materialize_tables(cos, sin):
+  """The tables, computed once into buffers instead of inside every layer's rope.
+
+  XLA:CPU fuses the cos/sin that produce the tables into each consumer: every layer's q and k
+  rope, forward and backward, re-evaluates the transcendentals once per head. In the DPO step at
+  the benchmark's S config that is 56 copies of each, ~3% of the step. A dot is never fused into
+  its consumers, so the tables pass through an identity product, exact at HIGHEST precision
+  (x·1 plus zeros; the tables hold no infinities). `jax.lax.optimization_barrier` does not do
+  this: XLA:CPU removes barriers before fusion. Other backends do not duplicate a transcendental
+  through a broadcast, and a one-position table (decoding) costs more to multiply than to
+  recompute, so callers apply it only on CPU to multi-position tables (`worth_materializing`).
+  """
+  eye = jnp.eye(cos.shape[-1], dtype=cos.dtype)
+  product = lambda t: jnp.einsum("...d,de->...e", t, eye, precision=jax.lax.Precision.HIGHEST)
+  return product(cos), product(sin)
+
+
+def worth_materializing(num_positions: int) -> bool:
+  """Whether `materialize_tables` pays for tables of `num_positions` positions per row."""
+  return num_positions > 1 and jax.default_backend() == "cpu"
 
 
 def apply_rope(x, cos, sin):
