@@ -287,9 +287,10 @@ def materialize_tables(cos, sin):
   the benchmark's S config that is 56 copies of each, ~3% of the step. A dot is never fused into
   its consumers, so the tables pass through an identity product, exact at HIGHEST precision
   (x·1 plus zeros; the tables hold no infinities). `jax.lax.optimization_barrier` does not do
-  this: XLA:CPU removes barriers before fusion. Other backends do not duplicate a transcendental
-  through a broadcast, and a one-position table (decoding) costs more to multiply than to
-  recompute, so callers apply it only on CPU to multi-position tables (`worth_materializing`).
+  this: XLA:CPU removes barriers before fusion. Callers apply it only on CPU
+  (`worth_materializing`): XLA:GPU's fusion already refuses to duplicate work through an expanding
+  broadcast, TPU was not measured, and a one-position table (decoding) costs more to multiply than
+  to recompute.
   """
   eye = jnp.eye(cos.shape[-1], dtype=cos.dtype)
   product = lambda t: jnp.einsum("...d,de->...e", t, eye, precision=jax.lax.Precision.HIGHEST)
