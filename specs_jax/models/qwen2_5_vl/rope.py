@@ -265,7 +265,7 @@ def mrope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section, dtyp
   parts = [freqs[k % 3, ..., bounds[k]:bounds[k + 1]] for k in range(len(mrope_section))]
   f = jnp.concatenate(parts, axis=-1)  # [B, L, Dh/2]
   emb = jnp.concatenate([f, f], axis=-1)
-  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+  return _computed_once(jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype))
 
 
 def vision_cos_sin(pos_h, pos_w, head_dim: int, theta: float):
@@ -276,7 +276,7 @@ def vision_cos_sin(pos_h, pos_w, head_dim: int, theta: float):
   fw = pos_w.astype(jnp.float32)[..., None] * inv_freq
   f = jnp.concatenate([fh, fw], axis=-1)
   emb = jnp.concatenate([f, f], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
+  return _computed_once(jnp.cos(emb), jnp.sin(emb))
 
 
 def materialize_tables(cos, sin):
@@ -287,7 +287,7 @@ def materialize_tables(cos, sin):
   the benchmark's S config that is 56 copies of each, ~3% of the step. A dot is never fused into
   its consumers, so the tables pass through an identity product, exact at HIGHEST precision
   (x·1 plus zeros; the tables hold no infinities). `jax.lax.optimization_barrier` does not do
-  this: XLA:CPU removes barriers before fusion. Callers apply it only on CPU
+  this: XLA:CPU removes barriers before fusion. The table functions apply it only on CPU
   (`worth_materializing`): XLA:GPU's fusion already refuses to duplicate work through an expanding
   broadcast, TPU was not measured, and a one-position table (decoding) costs more to multiply than
   to recompute.
@@ -300,6 +300,11 @@ def materialize_tables(cos, sin):
 def worth_materializing(num_positions: int) -> bool:
   """Whether `materialize_tables` pays for tables of `num_positions` positions per row."""
   return num_positions > 1 and jax.default_backend() == "cpu"
+
+
+def _computed_once(cos, sin):
+  """Tables [..., positions, head_dim], materialized when `worth_materializing`."""
+  return materialize_tables(cos, sin) if worth_materializing(cos.shape[-2]) else (cos, sin)
 
 
 def apply_rope(x, cos, sin):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from specs_jax.models.qwen2_5_vl import attention
 from specs_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from specs_jax.models.qwen2_5_vl.layers import RMSNorm, dense, remat_policy
-from specs_jax.models.qwen2_5_vl.rope import apply_rope, materialize_tables, mrope_cos_sin, worth_materializing
+from specs_jax.models.qwen2_5_vl.rope import apply_rope, mrope_cos_sin
 
 
 def init_cache(config: Qwen2_5_VLConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
@@ -219,8 +219,6 @@ class TextModel(nn.Module):
     t = self.config.text
     s = inputs_embeds.shape[1]
     cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
-    if worth_materializing(s):
-      cos, sin = materialize_tables(cos, sin)
     if packing is not None:
       if cache is not None:
         raise ValueError("packing (shared-prefix rows) is for the full forward, not with a KV cache")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from specs_jax.models.qwen2_5_vl import attention
 from specs_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from specs_jax.models.qwen2_5_vl.layers import RMSNorm, dense, remat_policy
-from specs_jax.models.qwen2_5_vl.rope import apply_rope, materialize_tables, vision_cos_sin, worth_materializing
+from specs_jax.models.qwen2_5_vl.rope import apply_rope, vision_cos_sin
 
 
 class VisionAttention(nn.Module):
@@ -120,8 +120,6 @@ class VisionTransformer(nn.Module):
     # Conv3d with stride == kernel over pre-flattened patches is a matmul (C, T, ph, pw order).
     x = PatchEmbed(v.hidden_size, name="patch_embed", **kw)(pixel_values)
     cos, sin = vision_cos_sin(pos_h, pos_w, v.head_dim, v.rope_theta)  # [S, Q, head_dim]
-    if worth_materializing(q_len):
-      cos, sin = materialize_tables(cos, sin)
     win_mask = window_seg[:, :, None] == window_seg[:, None, :]  # [S, Q, Q]
     full_mask = full_seg[:, :, None] == full_seg[:, None, :]
     block = VisionBlock
