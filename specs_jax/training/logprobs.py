@@ -29,10 +29,11 @@ __all__ = [
 
 
 def _logps_and_entropy(
-    logits: jax.Array, targets: jax.Array, compute_entropy: bool
+    logits: jax.Array, targets: jax.Array, compute_entropy: bool, lse: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array | None]:
   """logits [..., V] float32 (already temperature-scaled), targets [...] int -> logps [...], entropy."""
-  lse = jax.nn.logsumexp(logits, axis=-1)                                   # [...]
+  if lse is None:
+    lse = jax.nn.logsumexp(logits, axis=-1)                                 # [...]
   # Clip ids into [0, V): an ignore label such as -100 would otherwise gather NaN ("fill" mode),
   # and NaN·0 stays NaN after masking.
   t = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
@@ -44,6 +45,62 @@ def _logps_and_entropy(
   probs = jnp.exp(logits - lse[..., None])
   entropy = lse - jnp.sum(probs * logits, axis=-1)
   return logps, entropy
+
+
+def _chunk_logits(kernel: jax.Array, h: jax.Array, temperature) -> jax.Array:
+  """[B, C, D] @ [D, V] -> temperature-scaled float32 logits [B, C, V]."""
+  return jnp.einsum("BCD,DV->BCV", h, kernel, preferred_element_type=jnp.float32) / temperature
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunk_logps(kernel, h, targets, temperature, compute_entropy: bool):
+  """One chunk: (kernel [D, V], h [B, C, D], targets [B, C]) -> logps [B, C] (, entropy [B, C]).
+
+  A custom VJP rather than `jax.checkpoint` + autodiff, for two reasons measured on XLA:CPU
+  (config S DPO step, `benchmarks/train_step.py`):
+  - autodiff writes the kernel's gradient as dot(dlogits, h) -> [V, D] followed by a transpose,
+    which XLA folds into a transposed copy of dlogits and a dot whose operands are both
+    transposed: 130 GFLOP/s against 300 for the same product as `h^T @ dlogits`;
+  - the target logit's gradient is a scatter into a zero [B, C, V] array; here it is a select
+    against an iota that fuses with the softmax term.
+  The backward pass recomputes the chunk's logits, as `jax.checkpoint` did, so only h, the
+  targets and the logsumexp are kept. Products run in the same dtypes as autodiff's: float32
+  accumulation, with the float32 cotangent against the (possibly bf16) kernel and hidden states.
+  """
+  return _chunk_fwd(kernel, h, targets, temperature, compute_entropy)[0]
+
+
+def _chunk_fwd(kernel, h, targets, temperature, compute_entropy):
+  logits = _chunk_logits(kernel, h, temperature)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  logps, entropy = _logps_and_entropy(logits, targets, compute_entropy, lse=lse)
+  out = (logps, entropy) if compute_entropy else logps
+  return out, (kernel, h, targets, temperature, lse, entropy)
+
+
+def _chunk_bwd(compute_entropy, residuals, cotangent):
+  kernel, h, targets, temperature, lse, entropy = residuals
+  g_logps, g_entropy = cotangent if compute_entropy else (cotangent, None)
+  logits = _chunk_logits(kernel, h, temperature)                        # recomputed, [B, C, V]
+  shifted = logits - lse[..., None]                                     # log p
+  probs = jnp.exp(shifted)
+  t = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
+  hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == t[..., None]
+  # d logp_t / dz = onehot(t) - p
+  d_logits = jnp.where(hit, g_logps[..., None], 0.0) - g_logps[..., None] * probs
+  if compute_entropy:
+    # H = -Σ p log p:  dH / dz_j = -p_j (log p_j + H)
+    d_logits = d_logits - g_entropy[..., None] * probs * (shifted + entropy[..., None])
+  d_logits = d_logits / temperature
+  f32 = jnp.float32
+  # [B, C, V] x [D, V] -> [B, C, D];  [B, C, D] x [B, C, V] -> [D, V] (already in kernel layout)
+  d_h = jax.lax.dot_general(d_logits, kernel, (((2,), (1,)), ((), ())), preferred_element_type=f32)
+  d_kernel = jax.lax.dot_general(h, d_logits, (((0, 1), (0, 1)), ((), ())), preferred_element_type=f32)
+  d_temperature = jnp.zeros_like(temperature)      # not differentiated: the sampler's setting
+  return d_kernel.astype(kernel.dtype), d_h.astype(h.dtype), None, d_temperature
+
+
+_chunk_logps.defvjp(_chunk_fwd, _chunk_bwd)
 
 
 def token_logprobs_from_logits(
@@ -83,8 +140,9 @@ def token_logprobs_from_hidden(
   logits = hidden @ lm_head_kernel is computed C = `chunk_size` positions at a time
   (`jax.lax.map` over chunks), accumulated in float32 (`preferred_element_type`) even when `hidden`
   and the kernel are bf16, and reduced to logsumexp and the target logit before the next chunk.
-  Each chunk is wrapped in `jax.checkpoint`, so the backward pass recomputes that chunk's logits
-  rather than keeping them: neither direction stores more than a few [B, C, V] float32 buffers.
+  A chunk keeps only its hidden states, targets and logsumexp for the backward pass, which
+  recomputes that chunk's logits (`_chunk_logps`): neither direction stores more than a few
+  [B, C, V] float32 buffers.
 
   Args:
     hidden: [B, L, D], the decoder's final (normed) hidden states; f32 or bf16.
@@ -107,15 +165,9 @@ def token_logprobs_from_hidden(
   hidden_chunks = hidden.reshape(b, n, c, d).transpose(1, 0, 2, 3)           # [n, B, C, D]
   target_chunks = targets.reshape(b, n, c).transpose(1, 0, 2)                # [n, B, C]
 
-  @functools.partial(jax.checkpoint, prevent_cse=False)
-  def chunk_fn(kernel: jax.Array, h: jax.Array, t: jax.Array):
-    logits = jnp.einsum("BCD,DV->BCV", h, kernel, preferred_element_type=jnp.float32)
-    logits = logits / temperature
-    logps, entropy = _logps_and_entropy(logits, t, compute_entropy)
-    return (logps, entropy) if compute_entropy else logps
-
   # The kernel is closed over (not mapped), so its cotangent is summed across chunks by the scan.
-  out = jax.lax.map(lambda xs: chunk_fn(lm_head_kernel, *xs), (hidden_chunks, target_chunks))
+  out = jax.lax.map(lambda xs: _chunk_logps(lm_head_kernel, *xs, temperature, compute_entropy),
+                    (hidden_chunks, target_chunks))
 
   def unchunk(x: jax.Array) -> jax.Array:                        # [n, B, C] -> [B, L]
     return x.transpose(1, 0, 2).reshape(b, n * c)[:, :l]

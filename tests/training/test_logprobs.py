@@ -62,6 +62,61 @@ def test_chunked_equals_naive_values_and_grads():
                              atol=1e-5)
 
 
+def test_entropy_gradient_equals_naive():
+  # The chunk's backward is written by hand (`logprobs._chunk_logps`); check the entropy term too,
+  # with a cotangent on both outputs.
+  hidden, kernel, targets = _inputs(seed=3)
+  w1, w2 = jax.random.normal(jax.random.key(4), (2, *targets.shape))
+
+  def chunked(h, k):
+    lp, ent = logprobs.token_logprobs_from_hidden(h, k, targets, chunk_size=8, temperature=0.7,
+                                                  compute_entropy=True)
+    return jnp.sum(w1 * lp + w2 * ent)
+
+  def naive(h, k):
+    lp, ent = _naive(h, k, targets, 0.7)
+    return jnp.sum(w1 * lp + w2 * ent)
+
+  got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, kernel)
+  want = jax.jit(jax.grad(naive, argnums=(0, 1)))(hidden, kernel)
+  for g, w in zip(got, want):
+    assert float(jnp.max(jnp.abs(w))) > 1e-2           # the entropy term contributes
+    np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_bf16_gradients_match_autodiff():
+  hidden, kernel, targets = _inputs(seed=5)
+  hb, kb = hidden.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(6), targets.shape)
+
+  def autodiff(h, k):                                  # the same math, differentiated by JAX
+    logits = jnp.einsum("BLD,DV->BLV", h, k, preferred_element_type=jnp.float32) / 0.7
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    return jnp.sum(w * lp)
+
+  chunked = lambda h, k: jnp.sum(w * logprobs.token_logprobs_from_hidden(h, k, targets, chunk_size=8,
+                                                                           temperature=0.7))
+  got = jax.grad(chunked, argnums=(0, 1))(hb, kb)
+  want = jax.grad(autodiff, argnums=(0, 1))(hb, kb)
+  for g, ww in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    # both round float32 sums to bf16 once; allow one bf16 ulp (2^-8 relative) of the scale
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ww, np.float32),
+                               atol=float(jnp.max(jnp.abs(ww.astype(jnp.float32)))) * 2 ** -7)
+
+
+def test_kernel_gradient_is_not_a_transposed_product():
+  # Autodiff writes the LM-head kernel's gradient as dot(dlogits, h) -> [V, D] plus a transpose;
+  # XLA:CPU turns that into a transposed copy of dlogits ([V, B·C]) and a dot at under half the
+  # matmul rate. The hand-written backward contracts h^T @ dlogits directly into [D, V].
+  b, l, d, v, c = 2, 64, 16, 2048, 32
+  hidden, kernel, targets = _inputs(b=b, l=l, d=d, v=v)
+  loss = lambda h, k: jnp.sum(logprobs.token_logprobs_from_hidden(h, k, targets, chunk_size=c))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, kernel).compile().as_text()
+  assert f"f32[{d},{v}]" in hlo                                   # the kernel gradient is there
+  assert f"f32[{v},{b * c}]" not in hlo and f"f32[{v},{c},{b}]" not in hlo, "dlogits transposed"
+
+
 def test_bf16_hidden_accumulates_in_float32():
   hidden, kernel, targets = _inputs(seed=2)
   hb, kb = hidden.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
