@@ -416,7 +416,8 @@ def accumulate_gradients(
   """Exact gradient of Σ_k loss_sum_k / Σ_k denom_k over M micro-batches, with `jax.lax.scan`.
 
   The gradient of each micro-batch's *sum* is accumulated (float32), and the total is divided by
-  the total denominator once at the end. This equals the gradient of the full batch for any loss
+  the total denominator once at the end (with M = 1 the division is applied to the scalar loss
+  before differentiating, which is the same value without a pass over the gradients). This equals the gradient of the full batch for any loss
   that is a ratio of additive terms (token-mean over the global token count, mean over pairs),
   whereas averaging per-micro-batch means does not when the denominators differ.
 
@@ -436,8 +437,11 @@ def accumulate_gradients(
     loss_sum, denom, metrics = loss_terms_fn(p, mb)
     return loss_sum, (jax.lax.stop_gradient(denom), metrics)
 
-  grad_fn = jax.value_and_grad(value_fn, has_aux=True)
   first = jax.tree.map(lambda x: x[0], micro_batches)
+  if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
+    return _single_micro_batch_gradients(loss_terms_fn, params, first)
+
+  grad_fn = jax.value_and_grad(value_fn, has_aux=True)
   _, (_, metrics_shape) = jax.eval_shape(value_fn, params, first)
 
   def body(carry, mb):
@@ -455,3 +459,24 @@ def accumulate_gradients(
   safe = jnp.where(den_total > 0, den_total, 1.0)
   grads = jax.tree.map(lambda g, p: (g / safe).astype(jnp.result_type(p)), g_sum, params)
   return loss_total / safe, grads, metrics | {"denom": den_total}
+
+
+def _single_micro_batch_gradients(
+    loss_terms_fn: LossTermsFn, params: PyTree, batch: PyTree
+) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
+  """M = 1: the gradient of loss_sum / denom, the division applied to the scalar loss.
+
+  The same value as the scan's sum-then-divide, but the 1/denom reaches every gradient through the
+  backward pass's scalar seed instead of a separate pass over the whole gradient tree afterwards
+  (on XLA:CPU that pass was ~2% of the config-S DPO step).
+  """
+  def value_fn(p):
+    loss_sum, denom, metrics = loss_terms_fn(p, batch)
+    denom = jnp.asarray(jax.lax.stop_gradient(denom), jnp.float32)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    return loss_sum.astype(jnp.float32) / safe, (denom, metrics)
+
+  (loss, (denom, metrics)), grads = jax.value_and_grad(value_fn, has_aux=True)(params)
+  grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+  metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)      # as the scan's sums
+  return loss, grads, metrics | {"denom": denom}

@@ -212,7 +212,8 @@ def _token_logps(params, batch):
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_accumulate_gradients_grpo_equals_full_batch(agg):
+@pytest.mark.parametrize("m", [M, 1])          # M = 1 takes the path without the scan
+def test_accumulate_gradients_grpo_equals_full_batch(agg, m):
   params, batch = _toy()
 
   def terms(p, mb):
@@ -223,12 +224,15 @@ def test_accumulate_gradients_grpo_equals_full_batch(agg):
     return grpo.policy_loss(_token_logps(p, batch), batch["old_logps"], batch["advantages"],
                             batch["mask"], agg=agg)[0]
 
-  micro = jax.tree.map(lambda x: x.reshape(M, B // M, *x.shape[1:]), batch)
+  micro = jax.tree.map(lambda x: x.reshape(m, B // m, *x.shape[1:]), batch)
   loss, grads, sums = jax.jit(lambda p, mb: state.accumulate_gradients(terms, p, mb))(params, micro)
   want_loss, want_grads = jax.jit(jax.value_and_grad(full))(params)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, want_grads)
   np.testing.assert_allclose(sums["tokens"], 23.0)       # 5+1+3+4+2+5+0+3
+  assert sums["tokens"].dtype == sums["denom"].dtype == jnp.float32
+  if m == 1:
+    return
   # The naive alternative (mean of the 4 micro-batch losses) is measurably different.
   micro_loss = jax.jit(jax.vmap(lambda mb: grpo.policy_loss(
       _token_logps(params, mb), mb["old_logps"], mb["advantages"], mb["mask"], agg=agg)[0]))
@@ -236,7 +240,8 @@ def test_accumulate_gradients_grpo_equals_full_batch(agg):
   assert abs(naive - float(want_loss)) > 1e-3
 
 
-def test_accumulate_gradients_dpo_equals_full_batch():
+@pytest.mark.parametrize("m", [4, 1])
+def test_accumulate_gradients_dpo_equals_full_batch(m):
   params, batch = _toy()
   # pairs: rows 0..3 chosen, rows 4..7 rejected; reference log-probs are fixed numbers
   ref = jnp.array([-9.0, -2.0, -6.0, -8.0, -4.0, -10.0, 0.0, -7.0])
@@ -251,7 +256,7 @@ def test_accumulate_gradients_dpo_equals_full_batch():
   # [pairs, 2 (chosen, rejected), ...]; pair 2's rejected row is empty, pair 3 is padding (w=0)
   pairs = jax.tree.map(lambda x: jnp.stack([x[:4], x[4:]], axis=1), batch)
   pairs |= {"ref": jnp.stack([ref[:4], ref[4:]], 1), "w": jnp.array([1.0, 1.0, 1.0, 0.0])}
-  micro = jax.tree.map(lambda x: x.reshape(4, 1, *x.shape[1:]), pairs)
+  micro = jax.tree.map(lambda x: x.reshape(m, 4 // m, *x.shape[1:]), pairs)
   loss, grads, _ = jax.jit(lambda p, mb: state.accumulate_gradients(pair_terms, p, mb))(params, micro)
 
   def full(p):
