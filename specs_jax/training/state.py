@@ -221,7 +221,8 @@ def make_optimizer(
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
   """`optax.clip_by_global_norm`, except that it takes the norm from the extra argument
   `global_norm=` when given (`skip_nonfinite` computes it anyway, so clipping costs one pass over
-  the gradients instead of two). Same arithmetic: u → u if ‖g‖ < max_norm else u / ‖g‖ · max_norm."""
+  the gradients instead of two). u → u if ‖g‖ < max_norm else u · (max_norm / ‖g‖): optax's rule,
+  with the factor formed first (within an ulp of optax's u / ‖g‖ · max_norm)."""
   def init(params: PyTree) -> optax.EmptyState:
     del params
     return optax.EmptyState()
@@ -229,8 +230,11 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   def update(updates, state, params=None, *, global_norm=None, **extra_args):
     del params, extra_args
     g_norm = optax.tree.norm(updates) if global_norm is None else global_norm
-    trigger = jnp.squeeze(g_norm < max_norm)
-    updates = jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm), updates)
+    # One scalar factor, as torch.nn.utils.clip_grad_norm_: a product per element fuses into each
+    # consumer (Adam's two moments), where optax's `t / norm * max_norm` is a division, which
+    # XLA:CPU computes once into a gradient-sized buffer that both moments then read.
+    factor = jnp.where(jnp.squeeze(g_norm < max_norm), 1.0, max_norm / g_norm).astype(jnp.float32)
+    updates = jax.tree.map(lambda t: t * factor.astype(t.dtype), updates)
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init, update)
