@@ -7,12 +7,14 @@ faults the same memory in again, 4 KB at a time, zero-filled. At benchmark size 
 faulted 0.85 GB (208k page faults) per step, ~8% of its time (1.57 → 1.44 s once they were gone).
 
 `configure_malloc()` sets three glibc malloc options (`mallopt`, the same as the environment
-variables `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`):
+variables `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1`):
   - one arena, so worker threads allocate from the main heap instead of mmap-backed arenas;
   - no mmap for large blocks: they come from the heap and are reused after `free`;
-  - the heap top is returned to the kernel only when more than 2 GB of it is free.
-The cost: the process keeps up to its peak heap (like a caching allocator) instead of unmapping
-freed buffers, and `memalign`'s alignment slack keeps a freed block from fitting the next request
+  - the heap is never trimmed (-1 disables trimming, mallopt(3)). A 2 GB threshold was not
+    enough: the GRPO update at config S frees ~2.7 GB of temporaries at once, glibc returned them,
+    and every update faulted 560k pages back in (3 of its 5.2 s in the kernel; 3.6 s without).
+The cost: the process keeps its peak heap (like a caching allocator) instead of unmapping freed
+buffers, and `memalign`'s alignment slack keeps a freed block from fitting the next request
 of the same size until neighbours coalesce: a loop that reallocates one 64 MB buffer grew the heap
 by 6-16 such blocks before it reused them (the DPO step at S settled within 4 steps).
 
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
 
 _applied: bool | None = None
 

@@ -41,3 +41,38 @@ def test_configure_malloc_stops_page_faults_on_repeated_calls():
   pages = 16 * 1024 * 1024 * 4 // 4096
   assert max(on["faults"][-10:]) < pages // 100, on["faults"]
   assert min(off["faults"][-10:]) > pages // 2, off["faults"]
+
+
+_BIG_PROBE = r"""
+import ctypes, json, resource
+from specs_jax import host
+applied = host.configure_malloc()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+size = 5 << 29                                      # 2.5 GB: above the old 2 GB trim threshold
+faults = []
+for _ in range(3):
+  r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  p = libc.malloc(size)
+  ctypes.memset(p, 1, size)                        # touch every page
+  libc.free(p)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+print(json.dumps({"applied": applied, "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_configure_malloc_keeps_freed_gigabytes():
+  """The heap is never trimmed: a 2.5 GB block (the GRPO update at config S frees ~2.7 GB of
+  temporaries per call) is reused without faulting its 655k pages in again. With a 2 GB trim
+  threshold, or without the tuning, each allocation faults them all."""
+  env = dict(os.environ, SPECS_JAX_MALLOC_TUNING="1", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _BIG_PROBE], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  pages = (5 << 29) // 4096
+  assert got["applied"] is True
+  assert got["faults"][0] > pages // 2, got                # the first touch faults, as it must
+  assert max(got["faults"][1:]) < pages // 100, got
