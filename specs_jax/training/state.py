@@ -420,10 +420,10 @@ def accumulate_gradients(
   """Exact gradient of Σ_k loss_sum_k / Σ_k denom_k over M micro-batches, with `jax.lax.scan`.
 
   The gradient of each micro-batch's *sum* is accumulated (float32), and the total is divided by
-  the total denominator once at the end (with M = 1 the division is applied to the scalar loss
-  before differentiating, which is the same value without a pass over the gradients). This equals the gradient of the full batch for any loss
+  the total denominator once at the end. This equals the gradient of the full batch for any loss
   that is a ratio of additive terms (token-mean over the global token count, mean over pairs),
-  whereas averaging per-micro-batch means does not when the denominators differ.
+  whereas averaging per-micro-batch means does not when the denominators differ. With M = 1 the
+  scalar loss is divided before differentiating: the same value, without a pass over the gradients.
 
   Args:
     loss_terms_fn: (params, micro_batch) -> (loss_sum, denom, metrics). loss_sum is
