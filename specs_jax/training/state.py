@@ -441,9 +441,22 @@ def accumulate_gradients(
     loss_sum, denom, metrics = loss_terms_fn(p, mb)
     return loss_sum, (jax.lax.stop_gradient(denom), metrics)
 
+  safe = lambda den: jnp.where(den > 0, den, 1.0)  # noqa: E731
+  as_param = lambda g, p: g.astype(jnp.result_type(p))  # noqa: E731
   first = jax.tree.map(lambda x: x[0], micro_batches)
+
   if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
-    return _single_micro_batch_gradients(loss_terms_fn, params, first)
+    # M = 1: differentiate loss_sum / denom. The same value, but the 1/denom reaches every gradient
+    # through the backward's scalar seed instead of a pass over the whole gradient tree afterwards
+    # (on XLA:CPU that pass was ~2% of the config-S DPO step).
+    def scaled(p):
+      loss_sum, (denom, metrics) = value_fn(p, first)
+      denom = jnp.asarray(denom, jnp.float32)
+      return loss_sum.astype(jnp.float32) / safe(denom), (denom, metrics)
+
+    (loss, (denom, metrics)), grads = jax.value_and_grad(scaled, has_aux=True)(params)
+    metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)    # as the scan's sums
+    return loss, jax.tree.map(as_param, grads, params), metrics | {"denom": denom}
 
   grad_fn = jax.value_and_grad(value_fn, has_aux=True)
   _, (_, metrics_shape) = jax.eval_shape(value_fn, params, first)
@@ -460,27 +473,5 @@ def accumulate_gradients(
   init = (zeros(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
           zeros(metrics_shape))
   (g_sum, loss_total, den_total, metrics), _ = jax.lax.scan(body, init, micro_batches)
-  safe = jnp.where(den_total > 0, den_total, 1.0)
-  grads = jax.tree.map(lambda g, p: (g / safe).astype(jnp.result_type(p)), g_sum, params)
-  return loss_total / safe, grads, metrics | {"denom": den_total}
-
-
-def _single_micro_batch_gradients(
-    loss_terms_fn: LossTermsFn, params: PyTree, batch: PyTree
-) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
-  """M = 1: the gradient of loss_sum / denom, the division applied to the scalar loss.
-
-  The same value as the scan's sum-then-divide, but the 1/denom reaches every gradient through the
-  backward pass's scalar seed instead of a separate pass over the whole gradient tree afterwards
-  (on XLA:CPU that pass was ~2% of the config-S DPO step).
-  """
-  def value_fn(p):
-    loss_sum, denom, metrics = loss_terms_fn(p, batch)
-    denom = jnp.asarray(jax.lax.stop_gradient(denom), jnp.float32)
-    safe = jnp.where(denom > 0, denom, 1.0)
-    return loss_sum.astype(jnp.float32) / safe, (denom, metrics)
-
-  (loss, (denom, metrics)), grads = jax.value_and_grad(value_fn, has_aux=True)(params)
-  grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
-  metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)      # as the scan's sums
-  return loss, grads, metrics | {"denom": denom}
+  grads = jax.tree.map(lambda g, p: as_param(g / safe(den_total), p), g_sum, params)
+  return loss_total / safe(den_total), grads, metrics | {"denom": den_total}
